@@ -1,0 +1,48 @@
+"""`qlora-ray plan | run | report`: thin commands.
+
+Each verb's options and body live in the module that owns the work (`planner`,
+`scheduler`, `report`), imported only when that verb runs, so `qlora-ray --help` never
+pays for torch or Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from qlora_ray.config import ConfigError
+
+# verb -> (module, one-line help)
+VERBS = {
+    "plan": ("qlora_ray.planner", "Expand a spec, predict each cell's peak memory, check it fits."),
+    "run": ("qlora_ray.scheduler", "Run every cell of a spec on Ray; one Parquet row per cell."),
+    "report": ("qlora_ray.report", "Comparison table and plots from a results folder."),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora-ray",
+        description="Grids of QLoRA fine-tuning experiments on Ray.",
+    )
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="{plan,run,report}")
+    for verb, (module, help_text) in VERBS.items():
+        p = sub.add_parser(verb, help=help_text, description=help_text)
+        # Argument definitions are light (no heavy imports at module top in these modules).
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module = importlib.import_module(VERBS[args.verb][0])
+    try:
+        return int(module.main(args) or 0)
+    except ConfigError as e:
+        print(f"qlora-ray {args.verb}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

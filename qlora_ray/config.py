@@ -1,0 +1,578 @@
+"""Validated, frozen experiment configs.
+
+One `ExperimentConfig` is one cell of a grid: everything a worker needs to run it.
+Every field carries its help text in `metadata["help"]` (the README table is generated
+from it). Validation collects every problem, then raises one `ConfigError` whose lines
+name the key as the user typed it, the value, and the fix.
+
+No torch, no Ray here: the CLI's `plan` imports this module and must stay instant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+QUANT_BITS = (4, 8, 16)
+QUANT_TYPES = ("nf4", "fp4")
+COMPUTE_DTYPES = ("float16", "bfloat16", "float32", "auto")
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+LORA_BIAS = ("none", "all", "lora_only")
+OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit")
+LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_MODELS = ("tiny-llama",)
+
+DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n"
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config or spec, raised once."""
+
+    def __init__(self, problems: list[str]):
+        # Keep order, drop repeats: a base-level mistake shows up once, not once per cell.
+        self.problems = list(dict.fromkeys(problems))
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        n = len(self.problems)
+        head = f"{n} problem{'s' if n != 1 else ''} in the config:"
+        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
+
+
+def problem(key: str, value: Any, rule: str, fix: str) -> str:
+    """One problem line: key, rule, value, fix (the format every error follows)."""
+    return f"`{key}` {rule}, got {value!r}; {fix}"
+
+
+def _raise_if(problems: list[str]) -> None:
+    if problems:
+        raise ConfigError(problems)
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
+    """A dataclass field with its help text attached (what the README table shows)."""
+    if default is dataclasses.MISSING:
+        return field(metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _positive(out: list[str], key: str, value: Any, fix: str, *, allow_zero: bool = False) -> None:
+    low_ok = value >= 0 if allow_zero else value > 0
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not low_ok:
+        rule = "must be >= 0" if allow_zero else "must be > 0"
+        out.append(problem(key, value, rule, fix))
+
+
+def _one_of(out: list[str], key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        out.append(
+            problem(key, value, f"must be one of {', '.join(map(str, allowed))}", f"pick one{hint}")
+        )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    section: ClassVar[str] = "model"
+
+    name: str = _f(
+        "builtin:tiny-llama",
+        "Hub id, local path, or `builtin:tiny-llama` (built locally, no network).",
+    )
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit); recorded in the row.")
+    trust_remote_code: bool = _f(False, "Run model code from the hub; off unless you turn it on.")
+    attn_implementation: str = _f("sdpa", "Attention kernel: eager, sdpa or flash_attention_2.")
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if not self.name:
+            out.append(problem("model.name", self.name, "must not be empty", "give a hub id or path"))
+        if self.name.startswith(BUILTIN_PREFIX):
+            _one_of(out, "model.name", self.name, tuple(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
+        _one_of(out, "model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+        return out
+
+    def __post_init__(self) -> None:
+        _raise_if(self.problems())
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    section: ClassVar[str] = "dataset"
+
+    path: str = _f(
+        "experiments/data/fin_sentiment.jsonl",
+        "Local .jsonl/.json/.csv/.parquet file, or a `datasets` name (e.g. `org/data`).",
+    )
+    subset: str | None = _f(None, "`datasets` config name, for hub datasets that have several.")
+    split: str = _f("train", "Split to read; the eval split is carved out of it.")
+    prompt_template: str = _f(
+        DEFAULT_PROMPT_TEMPLATE,
+        "Python format string over the row's columns, e.g. `{instruction}`; a column that is "
+        "missing from a row formats as empty.",
+    )
+    response_field: str = _f("output", "Column holding the reference answer (the loss target).")
+    chat_template: bool = _f(
+        False, "Wrap the prompt with the tokenizer's chat template instead of the raw template."
+    )
+    eval_size: int | float = _f(
+        64, "Held-out rows: an integer count, or a fraction in (0, 1) of the dataset."
+    )
+    split_seed: int = _f(0, "Seed of the deterministic train/eval split.")
+    max_train_samples: int | None = _f(None, "Cap on training rows (after the split).")
+    packing: bool = _f(False, "Pack several examples into each `max_seq_len` sequence.")
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if not self.path:
+            out.append(problem("dataset.path", self.path, "must not be empty", "give a file or name"))
+        if isinstance(self.eval_size, float) and not 0 < self.eval_size < 1:
+            out.append(
+                problem("dataset.eval_size", self.eval_size, "as a fraction must be in (0, 1)",
+                        "use e.g. 0.1, or an integer row count")
+            )
+        if isinstance(self.eval_size, int) and self.eval_size < 1:
+            out.append(problem("dataset.eval_size", self.eval_size, "must be >= 1", "hold out rows"))
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            out.append(
+                problem("dataset.max_train_samples", self.max_train_samples, "must be >= 1",
+                        "remove it to use every row")
+            )
+        try:
+            fields = [f for _, f, _, _ in __import__("string").Formatter().parse(self.prompt_template)]
+            if not any(fields):
+                out.append(
+                    problem("dataset.prompt_template", self.prompt_template,
+                            "has no {column} placeholder", "reference at least one column")
+                )
+        except ValueError as e:
+            out.append(
+                problem("dataset.prompt_template", self.prompt_template, f"is not a format string ({e})",
+                        "escape literal braces as {{ and }}")
+            )
+        return out
+
+    def __post_init__(self) -> None:
+        _raise_if(self.problems())
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    section: ClassVar[str] = "quant"
+
+    bits: int = _f(4, "4 = QLoRA (bitsandbytes Linear4bit), 8 = LLM.int8, 16 = no quantization.")
+    type: str = _f("nf4", "4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.")
+    double_quant: bool = _f(True, "Quantize the 4-bit block constants too (saves ~0.4 bit/param).")
+    compute_dtype: str = _f(
+        "bfloat16",
+        "dtype of the matmuls and of the 16-bit baseline: bfloat16, float16, float32, or auto "
+        "(bfloat16 where the GPU supports it, else float16).",
+    )
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        _one_of(out, "quant.bits", self.bits, QUANT_BITS)
+        _one_of(out, "quant.type", self.type, QUANT_TYPES)
+        _one_of(out, "quant.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        return out
+
+    def __post_init__(self) -> None:
+        _raise_if(self.problems())
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    section: ClassVar[str] = "lora"
+
+    r: int = _f(8, "Adapter rank.")
+    alpha: float = _f(16, "Scale numerator: updates are scaled by alpha / r (alpha / sqrt(r) with rsLoRA).")
+    dropout: float = _f(0.05, "Dropout on the adapter input.")
+    target_modules: tuple[str, ...] | str = _f(
+        ("q_proj", "k_proj", "v_proj", "o_proj"),
+        "Module names to adapt, or `all-linear` for every linear layer but the output head.",
+    )
+    bias: str = _f("none", "Which biases train: none, all or lora_only.")
+    use_rslora: bool = _f(False, "Rank-stabilized LoRA scaling (alpha / sqrt(r)).")
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA).")
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        _positive(out, "lora.r", self.r, "use a rank such as 8 or 16")
+        _positive(out, "lora.alpha", self.alpha, "use e.g. 2 x r")
+        if not 0 <= self.dropout < 1:
+            out.append(problem("lora.dropout", self.dropout, "must be in [0, 1)", "use e.g. 0.05"))
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            out.append(
+                problem("lora.target_modules", self.target_modules,
+                        "must be a list of module names or `all-linear`",
+                        "write e.g. [q_proj, v_proj]")
+            )
+        if isinstance(self.target_modules, tuple) and not self.target_modules:
+            out.append(problem("lora.target_modules", [], "must not be empty", "name at least one module"))
+        _one_of(out, "lora.bias", self.bias, LORA_BIAS)
+        return out
+
+    def __post_init__(self) -> None:
+        _raise_if(self.problems())
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    section: ClassVar[str] = "train"
+
+    epochs: float = _f(3, "Passes over the training split (ignored when max_steps is set).")
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps instead of epochs.")
+    batch_size: int | str = _f(
+        4, "Micro-batch per device, or `auto`: the largest that the memory planner says fits."
+    )
+    grad_accum: int = _f(1, "Gradient accumulation steps (effective batch = batch_size x grad_accum).")
+    learning_rate: float = _f(2e-4, "Peak learning rate.")
+    lr_scheduler: str = _f("linear", "Schedule: linear, cosine, constant, constant_with_warmup.")
+    warmup_ratio: float = _f(0.03, "Fraction of steps spent warming up.")
+    weight_decay: float = _f(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _f(0.3, "Gradient clipping (QLoRA paper value).")
+    max_seq_len: int = _f(256, "Tokens per example after truncation.")
+    optim: str = _f(
+        "paged_adamw_8bit", "adamw_torch, paged_adamw_8bit, paged_adamw_32bit or adamw_bnb_8bit."
+    )
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward (less memory).")
+    seed: int = _f(0, "Seed for model init of adapters, data order and dropout.")
+    logging_steps: int = _f(10, "Log the training loss every N steps.")
+    save_adapter: bool = _f(False, "Save the trained adapter under RESULTS/<spec>/adapters/<id>.")
+    oom_backoff: bool = _f(
+        False, "On OOM, halve batch_size and double grad_accum (same effective batch) and retry."
+    )
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        _positive(out, "train.epochs", self.epochs, "train for at least a fraction of an epoch")
+        if self.max_steps is not None:
+            _positive(out, "train.max_steps", self.max_steps, "remove it to train by epochs")
+        if isinstance(self.batch_size, str):
+            if self.batch_size != "auto":
+                out.append(
+                    problem("train.batch_size", self.batch_size, "must be an integer or `auto`",
+                            "write e.g. 4")
+                )
+        elif self.batch_size < 1:
+            out.append(problem("train.batch_size", self.batch_size, "must be >= 1", "use e.g. 4"))
+        if self.grad_accum < 1:
+            out.append(problem("train.grad_accum", self.grad_accum, "must be >= 1", "use 1 for none"))
+        _positive(out, "train.learning_rate", self.learning_rate, "use e.g. 2.0e-4")
+        if not 0 <= self.warmup_ratio < 1:
+            out.append(problem("train.warmup_ratio", self.warmup_ratio, "must be in [0, 1)", "use e.g. 0.03"))
+        _positive(out, "train.weight_decay", self.weight_decay, "use 0 for none", allow_zero=True)
+        _positive(out, "train.max_grad_norm", self.max_grad_norm, "use e.g. 0.3")
+        if self.max_seq_len < 8:
+            out.append(problem("train.max_seq_len", self.max_seq_len, "must be >= 8", "use e.g. 256"))
+        _one_of(out, "train.optim", self.optim, OPTIMIZERS)
+        _one_of(out, "train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _positive(out, "train.logging_steps", self.logging_steps, "use e.g. 10")
+        return out
+
+    def __post_init__(self) -> None:
+        _raise_if(self.problems())
+
+    @property
+    def effective_batch(self) -> int | None:
+        return None if isinstance(self.batch_size, str) else self.batch_size * self.grad_accum
+
+
+@dataclass(frozen=True)
+class SimilarityConfig:
+    section: ClassVar[str] = "eval.similarity"
+
+    embedder: str = _f(
+        "self",
+        "`self` (the evaluated model's own mean-pooled last hidden state, as the seed results) "
+        "or a fixed model path / hub id, so that scores compare across quantizations.",
+    )
+
+    def problems(self) -> list[str]:
+        if not self.embedder:
+            return [problem("eval.similarity.embedder", self.embedder, "must not be empty",
+                            "use `self` or a model path")]
+        return []
+
+    def __post_init__(self) -> None:
+        _raise_if(self.problems())
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    section: ClassVar[str] = "eval"
+
+    max_new_tokens: int = _f(16, "Greedy decoding length for the generated answers.")
+    batch_size: int = _f(16, "Generation and eval-loss batch size.")
+    max_samples: int | None = _f(None, "Cap on evaluated rows (default: the whole eval split).")
+    before: bool = _f(True, "Also evaluate the untrained model (the `*_before` columns).")
+    labels: tuple[str, ...] | str = _f(
+        "auto",
+        "Label set for accuracy/F1: a list, `none`, or `auto` (answers of at most three words "
+        "that occur at least 3 times in the dataset).",
+    )
+    similarity: SimilarityConfig = _f(default_factory=SimilarityConfig, help="Similarity scoring.")
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        _positive(out, "eval.max_new_tokens", self.max_new_tokens, "use e.g. 16")
+        _positive(out, "eval.batch_size", self.batch_size, "use e.g. 16")
+        if self.max_samples is not None:
+            _positive(out, "eval.max_samples", self.max_samples, "remove it to use the whole split")
+        if isinstance(self.labels, str) and self.labels not in ("auto", "none"):
+            out.append(problem("eval.labels", self.labels, "must be a list, `auto` or `none`",
+                               "write e.g. [negative, neutral, positive]"))
+        return out
+
+    def __post_init__(self) -> None:
+        _raise_if(self.problems())
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One cell of a grid: the whole recipe of one fine-tuning run."""
+
+    section: ClassVar[str] = ""
+
+    name: str = _f("experiment", "Human name, made from the axis values; safe as a file name.")
+    model: ModelConfig = _f(default_factory=ModelConfig, help="Base model.")
+    dataset: DatasetConfig = _f(default_factory=DatasetConfig, help="Training and eval data.")
+    quant: QuantConfig = _f(default_factory=QuantConfig, help="Quantization of the base model.")
+    lora: LoraConfig = _f(default_factory=LoraConfig, help="LoRA adapters.")
+    train: TrainConfig = _f(default_factory=TrainConfig, help="Training loop.")
+    eval: EvalConfig = _f(default_factory=EvalConfig, help="Evaluation.")
+    gpu: str | None = _f(
+        None, "GPU profile to run on (e.g. T4, A100-40G); none runs wherever the driver is."
+    )
+    emulate_profile: bool = _f(
+        False, "On a bigger GPU, cap memory to the profile's size to answer 'does it fit on X?'."
+    )
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}", self.name):
+            out.append(problem("name", self.name, "must be a safe file name",
+                               "use letters, digits and . _ + = - only"))
+        if (
+            self.model.attn_implementation == "flash_attention_2"
+            and self.quant.bits in (4, 8)
+            and self.quant.compute_dtype == "float32"
+        ):
+            # k-bit preparation upcasts norms to fp32, so with an fp32 compute dtype the hidden
+            # states reach FlashAttention in fp32, which it rejects deep inside its kernel.
+            out.append(problem("model.attn_implementation", "flash_attention_2",
+                               "needs quant.compute_dtype float16 or bfloat16 with 4/8-bit models",
+                               "use sdpa, or set quant.compute_dtype to bfloat16"))
+        return out
+
+    def __post_init__(self) -> None:
+        _raise_if(self.problems())
+
+    @property
+    def experiment_id(self) -> str:
+        """Deterministic hash of the resolved recipe (the name is not part of it)."""
+        payload = to_dict(self)
+        payload.pop("name")
+        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+    def replace(self, **dotted: Any) -> ExperimentConfig:
+        """A copy with dotted keys overridden, validated again: `cfg.replace(**{"train.batch_size": 2})`."""
+        data = to_dict(self)
+        for key, value in dotted.items():
+            set_dotted(data, key, value)
+        return from_dict(ExperimentConfig, data)
+
+
+# ---------------------------------------------------------------------------------------
+# dict <-> dataclass, with type checks that name the key
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain JSON-able dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {} if child is None else _shorthand(part, child)
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _shorthand(section: str, value: Any) -> Any:
+    """`model: org/name` means `model: {name: org/name}`; `dataset: file` means `{path: file}`."""
+    if isinstance(value, str):
+        if section == "model":
+            return {"name": value}
+        if section == "dataset":
+            return {"path": value}
+    return value
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, coerced value) for the small set of field types configs use."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            ok, coerced = _check_type(value, arm)
+            if ok:
+                return True, coerced
+        return False, value
+    if tp is type(None):
+        return value is None, value
+    if tp is bool:
+        return isinstance(value, bool), value
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        if isinstance(value, str):
+            # YAML 1.1 reads `2e-4` (no dot) as a string; accept it as the number it looks like.
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
+        return False, value
+    if tp is str:
+        return isinstance(value, str), value
+    if origin is tuple:
+        (item,) = typing.get_args(tp)[:1]
+        if isinstance(value, (list, tuple)) and all(_check_type(v, item)[0] for v in value):
+            return True, tuple(value)
+        return False, value
+    raise TypeError(f"config field type {tp!r} is not supported")
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+             type(None): "null"}
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "a list"
+    return names.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build `cls` from nested dicts, reporting every unknown key, wrong type and bad value.
+
+    Raises ConfigError listing all problems; keys are reported with their full dotted path.
+    """
+    problems: list[str] = []
+    obj = _build(cls, data, prefix, problems)
+    _raise_if(problems)
+    return obj
+
+
+def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
+    section = prefix.rstrip(".")
+    if not isinstance(data, dict):
+        problems.append(problem(section or "spec", data, "must be a mapping", "write key: value pairs"))
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"did you mean `{prefix}{close[0]}`?" if close else f"known keys: {', '.join(fields)}"
+            problems.append(problem(path, value, "is not a known key", hint))
+            continue
+        tp = hints[key]
+        if _is_dataclass_type(tp):
+            kwargs[key] = _build(tp, _shorthand(key, value), f"{path}.", problems)
+            continue
+        ok, coerced = _check_type(value, tp)
+        if not ok:
+            problems.append(problem(path, value, f"must be {_type_name(tp)}", "fix its type"))
+            continue
+        kwargs[key] = coerced
+    if any(v is None and _is_dataclass_type(hints[k]) for k, v in kwargs.items()):
+        return None  # a nested section already failed; its problems are recorded
+    # Check values without raising yet, so every section's problems are collected together.
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        problems.extend(e.problems)
+        return None
+    except TypeError as e:  # a required field is missing
+        problems.append(problem(section or "spec", sorted(kwargs), f"is incomplete ({e})",
+                                "add the missing key"))
+        return None
+
+
+def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config columns of a result row (names are part of the results contract)."""
+    lora_targets = cfg.lora.target_modules
+    return {
+        "experiment_id": cfg.experiment_id,
+        "name": cfg.name,
+        "gpu": cfg.gpu,
+        "model": cfg.model.name,
+        "model_revision": cfg.model.revision,
+        "attn_implementation": cfg.model.attn_implementation,
+        "dataset": cfg.dataset.path,
+        "quant_bits": cfg.quant.bits,
+        "quant_type": cfg.quant.type if cfg.quant.bits == 4 else None,
+        "double_quant": cfg.quant.double_quant if cfg.quant.bits == 4 else None,
+        "compute_dtype_requested": cfg.quant.compute_dtype,
+        "lora_r": cfg.lora.r,
+        "lora_alpha": float(cfg.lora.alpha),
+        "lora_dropout": cfg.lora.dropout,
+        "lora_target_modules": lora_targets if isinstance(lora_targets, str) else ",".join(lora_targets),
+        "use_rslora": cfg.lora.use_rslora,
+        "use_dora": cfg.lora.use_dora,
+        "batch_size_requested": str(cfg.train.batch_size),
+        "grad_accum": cfg.train.grad_accum,
+        "epochs": float(cfg.train.epochs),
+        "max_steps": cfg.train.max_steps,
+        "learning_rate": cfg.train.learning_rate,
+        "lr_scheduler": cfg.train.lr_scheduler,
+        "max_seq_len": cfg.train.max_seq_len,
+        "optim": cfg.train.optim,
+        "gradient_checkpointing": cfg.train.gradient_checkpointing,
+        "seed": cfg.train.seed,
+        "packing": cfg.dataset.packing,
+        "eval_max_new_tokens": cfg.eval.max_new_tokens,
+        "embedder": cfg.eval.similarity.embedder,
+        "emulate_profile": cfg.emulate_profile,
+        "config_json": json.dumps(to_dict(cfg), sort_keys=True),
+    }
+
+
+def describe_fields(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every field, for the README's reference table."""
+    rows: list[tuple[str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_dataclass_type(tp):
+            rows.extend(describe_fields(tp, f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if isinstance(default, tuple):
+            default = list(default)
+        rows.append((f"{prefix}{f.name}", json.dumps(default), f.metadata.get("help", "")))
+    return rows

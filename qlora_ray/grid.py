@@ -1,0 +1,344 @@
+"""Grid specs (YAML) -> validated experiment configs. Pure: no I/O beyond reading the spec.
+
+A spec:
+
+    name: rank-vs-gpu                 # results go to RESULTS/<name>/
+    base: {...}                       # an ExperimentConfig as nested mappings
+    grid: {lora.r: [4, 8], gpu: [T4, L4]}          # cartesian product over dotted keys
+    paired:                           # axes that vary together (same length lists)
+      - {train.batch_size: [1, 2, 4], train.grad_accum: [4, 2, 1]}
+    seeds: [0, 1, 2]                  # repeats: an axis over train.seed
+    exclude: [{gpu: T4, quant.compute_dtype: bfloat16}]
+    runs:                             # named experiments (each crossed with the axes above)
+      - {name: lora-16bit, quant.bits: 16}
+      - {name: qlora-nf4}
+
+Every problem in the spec is collected and raised at once as a `ConfigError`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qlora_ray.config import (
+    ConfigError,
+    ExperimentConfig,
+    from_dict,
+    problem,
+    set_dotted,
+)
+from qlora_ray.profiles import GpuProfile, get_profile
+
+SPEC_KEYS = ("name", "base", "grid", "paired", "seeds", "exclude", "runs", "profiles", "description")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
+
+# Short tokens for the human-readable cell name, e.g. r8-bs4-bf16-T4.
+_AXIS_TOKENS = {
+    "lora.r": "r{}",
+    "lora.alpha": "a{}",
+    "lora.dropout": "do{}",
+    "train.batch_size": "bs{}",
+    "train.grad_accum": "ga{}",
+    "train.learning_rate": "lr{}",
+    "train.epochs": "ep{}",
+    "train.max_seq_len": "len{}",
+    "train.seed": "s{}",
+    "quant.bits": "{}bit",
+    "quant.type": "{}",
+    "gpu": "{}",
+}
+_DTYPE_TOKENS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "auto": "autodtype"}
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A loaded, expanded and validated grid spec."""
+
+    name: str
+    cells: list[ExperimentConfig]
+    profiles: dict[str, GpuProfile] = field(default_factory=dict)
+    source: str | None = None
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read a YAML spec and expand it; every problem is raised at once."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError([problem("SPEC", str(path), "is not a file", "pass the path of a YAML spec")])
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError([problem("SPEC", str(path), f"is not valid YAML ({e})", "fix the syntax")]) from e
+    return expand(data, source=str(path))
+
+
+def expand(data: Any, source: str | None = None) -> Spec:
+    """Spec mapping -> Spec with one ExperimentConfig per cell, in a stable order."""
+    problems: list[str] = []
+    if not isinstance(data, dict):
+        raise ConfigError([problem("spec", data, "must be a mapping", "start from experiments/example.yaml")])
+    for key in data:
+        if key not in SPEC_KEYS:
+            close = difflib.get_close_matches(str(key), SPEC_KEYS, n=1)
+            hint = f"did you mean `{close[0]}`?" if close else f"known keys: {', '.join(SPEC_KEYS)}"
+            problems.append(problem(str(key), data[key], "is not a known spec key", hint))
+
+    name = data.get("name")
+    if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        problems.append(problem("name", name, "must be a file-name-safe string",
+                                "use letters, digits and . _ + = - (e.g. rank-vs-gpu)"))
+    base = data.get("base", {}) or {}
+    if not isinstance(base, dict):
+        problems.append(problem("base", base, "must be a mapping", "write base: {model: ..., lora: ...}"))
+        base = {}
+    if "name" in base:
+        problems.append(problem("base.name", base["name"], "is set by the grid",
+                                "name cells with `runs:` entries instead"))
+
+    profiles = _profiles(data.get("profiles"), problems)
+    axes = _axes(data, problems)
+    runs = _runs(data.get("runs"), problems)
+    excludes = _excludes(data.get("exclude"), problems)
+    # Go on expanding with whatever parts are valid, so one run reports every problem.
+    # Checks that depend on the whole grid (duplicates, unused rules) would only echo the
+    # problems above, so they wait until the spec's structure is right.
+    structural = bool(problems)
+
+    cells: list[ExperimentConfig] = []
+    matched_rules: set[int] = set()
+    for run_name, overrides in runs:
+        for combo in itertools.product(*axes):
+            values: dict[str, Any] = {**overrides}
+            for group in combo:
+                values.update(group)
+            hits = [i for i, rule in enumerate(excludes) if _matches(rule, values, base)]
+            if hits:
+                matched_rules.update(hits)
+                continue
+            cell = _nested_copy(base)
+            for key, value in values.items():
+                set_dotted(cell, key, value)
+            cell["name"] = _cell_name(run_name, combo)
+            try:
+                cfg = from_dict(ExperimentConfig, cell)
+            except ConfigError as e:
+                problems.extend(e.problems)
+                continue
+            if cfg.gpu is not None:
+                try:
+                    get_profile(cfg.gpu, profiles)
+                except ConfigError as e:
+                    problems.extend(e.problems)
+            cells.append(cfg)
+
+    for i, rule in enumerate(excludes):
+        if i not in matched_rules and not structural:
+            problems.append(problem(f"exclude[{i}]", rule, "matches no cell",
+                                    "fix the key or value, or remove the rule"))
+    if not structural:
+        problems.extend(_duplicates(cells))
+    if not cells and not problems:
+        problems.append(problem("exclude", data.get("exclude"), "removes every cell",
+                                "loosen the exclude rules"))
+    if problems:
+        raise ConfigError(problems)
+    return Spec(name=name, cells=cells, profiles=profiles, source=source)
+
+
+def _axes(data: dict[str, Any], problems: list[str]) -> list[list[dict[str, Any]]]:
+    """Each axis is a list of {dotted key: value} groups; the product of axes is the grid."""
+    axes: list[list[dict[str, Any]]] = []
+    grid = data.get("grid") or {}
+    if not isinstance(grid, dict):
+        problems.append(problem("grid", grid, "must be a mapping of dotted keys to lists",
+                                "write e.g. grid: {lora.r: [8, 16]}"))
+        grid = {}
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            problems.append(problem(f"grid.{key}", values, "must be a non-empty list",
+                                    f"write e.g. {key}: [value1, value2]"))
+            continue
+        if len(_unique(values)) != len(values):
+            problems.append(problem(f"grid.{key}", values, "repeats a value", "list each value once"))
+        axes.append([{key: v} for v in values])
+
+    paired = data.get("paired") or []
+    if not isinstance(paired, list):
+        problems.append(problem("paired", paired, "must be a list of groups",
+                                "write paired: [{train.batch_size: [1, 2], train.grad_accum: [2, 1]}]"))
+        paired = []
+    for i, group in enumerate(paired):
+        if not isinstance(group, dict) or not group:
+            problems.append(problem(f"paired[{i}]", group, "must be a mapping of dotted keys to lists",
+                                    "write {train.batch_size: [1, 2], train.grad_accum: [2, 1]}"))
+            continue
+        bad = {k: v for k, v in group.items() if not isinstance(v, list) or not v}
+        for k, v in bad.items():
+            problems.append(problem(f"paired[{i}].{k}", v, "must be a non-empty list", "list its values"))
+        lengths = {k: len(v) for k, v in group.items() if k not in bad}
+        if len(set(lengths.values())) > 1:
+            problems.append(problem(f"paired[{i}]", lengths, "has lists of different lengths",
+                                    "give every key in a group the same number of values"))
+            continue
+        if bad:
+            continue
+        n = next(iter(lengths.values()))
+        axes.append([{k: group[k][j] for k in group} for j in range(n)])
+
+    seeds = data.get("seeds")
+    if seeds is not None:
+        if (
+            not isinstance(seeds, list)
+            or not seeds
+            or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        ):
+            problems.append(problem("seeds", seeds, "must be a non-empty list of integers",
+                                    "write e.g. seeds: [0, 1, 2]"))
+        elif len(set(seeds)) != len(seeds):
+            problems.append(problem("seeds", seeds, "repeats a seed", "list each seed once"))
+        else:
+            axes.append([{"train.seed": s} for s in seeds])
+    return axes
+
+
+def _runs(runs: Any, problems: list[str]) -> list[tuple[str | None, dict[str, Any]]]:
+    if runs is None:
+        return [(None, {})]
+    if not isinstance(runs, list) or not runs:
+        problems.append(problem("runs", runs, "must be a non-empty list", "write runs: [{name: a}, ...]"))
+        return []
+    out: list[tuple[str | None, dict[str, Any]]] = []
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict) or not isinstance(run.get("name"), str):
+            problems.append(problem(f"runs[{i}]", run, "needs a `name`", "write {name: my-run, lora.r: 8}"))
+            continue
+        overrides = {k: v for k, v in run.items() if k != "name"}
+        out.append((run["name"], overrides))
+    return out
+
+
+def _excludes(rules: Any, problems: list[str]) -> list[dict[str, Any]]:
+    if rules is None:
+        return []
+    if not isinstance(rules, list) or not all(isinstance(r, dict) and r for r in rules):
+        problems.append(problem("exclude", rules, "must be a list of mappings",
+                                "write exclude: [{gpu: T4, quant.compute_dtype: bfloat16}]"))
+        return []
+    return rules
+
+
+def _profiles(raw: Any, problems: list[str]) -> dict[str, GpuProfile]:
+    """`profiles: {MyCard: {total_mib: 24576, bf16: true, ...}}` adds or overrides profiles."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        problems.append(problem("profiles", raw, "must be a mapping of name to profile",
+                                "write profiles: {MyCard: {total_mib: 24576, bf16: true}}"))
+        return {}
+    out: dict[str, GpuProfile] = {}
+    for name, fields in raw.items():
+        if not isinstance(fields, dict):
+            problems.append(problem(f"profiles.{name}", fields, "must be a mapping", "see docs/memory.md"))
+            continue
+        merged: dict[str, Any] = {"bf16": False, "flash_attention": False,
+                                  "ray_accelerator_type": str(name)}
+        try:
+            base = get_profile(str(name), key=f"profiles.{name}")
+            merged.update({k: getattr(base, k) for k in
+                           ("total_mib", "bf16", "flash_attention", "ray_accelerator_type",
+                            "compute_capability")})
+        except ConfigError:
+            pass  # a new card: its fields must all be given
+        merged.update(fields)
+        try:
+            out[str(name)] = GpuProfile(name=str(name), **merged)
+        except TypeError as e:
+            problems.append(problem(f"profiles.{name}", fields, f"is not a valid profile ({e})",
+                                    "give total_mib, bf16, flash_attention, ray_accelerator_type"))
+    return out
+
+
+def _get_dotted(data: dict[str, Any], key: str) -> Any:
+    node: Any = data
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return _MISSING
+        node = node[part]
+    return node
+
+
+_MISSING = object()
+
+
+def _matches(rule: dict[str, Any], values: dict[str, Any], base: dict[str, Any]) -> bool:
+    for key, want in rule.items():
+        have = values.get(key, _MISSING)
+        if have is _MISSING:
+            have = _get_dotted(base, key)
+        if have != want:
+            return False
+    return True
+
+
+def _cell_name(run_name: str | None, combo: tuple[dict[str, Any], ...]) -> str:
+    tokens = [run_name] if run_name else []
+    for group in combo:
+        for key, value in group.items():
+            tokens.append(_token(key, value))
+    name = "-".join(t for t in tokens if t) or "base"
+    return re.sub(r"[^A-Za-z0-9._+=-]", "_", name)[:128]
+
+
+def _token(key: str, value: Any) -> str:
+    if key == "quant.compute_dtype":
+        return _DTYPE_TOKENS.get(str(value), str(value))
+    if key in _AXIS_TOKENS:
+        return _AXIS_TOKENS[key].format(value)
+    if key == "model" or key == "model.name":
+        return str(value).rstrip("/").split("/")[-1]
+    if isinstance(value, bool):
+        return key.split(".")[-1] if value else "no-" + key.split(".")[-1]
+    if isinstance(value, (list, dict)):
+        return key.split(".")[-1] + str(len(value))
+    return f"{key.split('.')[-1]}{value}"
+
+
+def _duplicates(cells: list[ExperimentConfig]) -> list[str]:
+    out: list[str] = []
+    by_id: dict[str, str] = {}
+    names: set[str] = set()
+    for cfg in cells:
+        eid = cfg.experiment_id
+        if eid in by_id:
+            out.append(problem("grid", [by_id[eid], cfg.name],
+                               "has two cells that resolve to the same experiment",
+                               "remove the repeated axis value or run, or make the cells differ"))
+        elif cfg.name in names:
+            out.append(problem("runs", cfg.name, "names two different cells",
+                               "give each run a distinct name"))
+        by_id.setdefault(eid, cfg.name)
+        names.add(cfg.name)
+    return out
+
+
+def _unique(values: list[Any]) -> list[Any]:
+    seen: list[Any] = []
+    for v in values:
+        if v not in seen:
+            seen.append(v)
+    return seen
+
+
+def _nested_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _nested_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_nested_copy(v) for v in data]
+    return data

@@ -1,0 +1,280 @@
+"""The result-row schema, atomic one-file-per-experiment writes, and readers.
+
+Layout (the contract):
+
+    RESULTS/<spec name>/runs/<experiment_id>.parquet      one row per file
+    RESULTS/<spec name>/samples/<experiment_id>.parquet   per-sample generations
+
+`RESULTS` is a local path or any pyarrow filesystem URI (`file://`, `s3://`, `gs://`).
+Files are written under a dot-prefixed temporary name and then renamed, so a reader
+(pyarrow, pandas, DuckDB, Polars all skip dot-files in a dataset folder) never sees a
+half-written file, and a driver killed mid-write leaves only a dot-file behind.
+
+The explicit schema keeps every file's column types identical, whatever a given run
+filled in, so files from different runs and versions always concatenate.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+STATUSES = ("ok", "oom", "failed", "unschedulable", "skipped")
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+# name -> type. Order is the column order in every file.
+RUN_COLUMNS: dict[str, pa.DataType] = {
+    # identity and outcome
+    "experiment_id": pa.string(),
+    "name": pa.string(),
+    "spec_name": pa.string(),
+    "status": pa.string(),
+    "error": pa.string(),
+    "error_phase": pa.string(),
+    "attempt": pa.int32(),
+    # the flattened config (config.flatten)
+    "gpu": pa.string(),
+    "model": pa.string(),
+    "model_revision": pa.string(),
+    "attn_implementation": pa.string(),
+    "dataset": pa.string(),
+    "quant_bits": pa.int32(),
+    "quant_type": pa.string(),
+    "double_quant": pa.bool_(),
+    "compute_dtype": pa.string(),
+    "compute_dtype_requested": pa.string(),
+    "lora_r": pa.int32(),
+    "lora_alpha": pa.float64(),
+    "lora_dropout": pa.float64(),
+    "lora_target_modules": pa.string(),
+    "use_rslora": pa.bool_(),
+    "use_dora": pa.bool_(),
+    "batch_size": pa.int32(),
+    "batch_size_requested": pa.string(),
+    "grad_accum": pa.int32(),
+    "epochs": pa.float64(),
+    "max_steps": pa.int32(),
+    "learning_rate": pa.float64(),
+    "lr_scheduler": pa.string(),
+    "max_seq_len": pa.int32(),
+    "optim": pa.string(),
+    "optim_effective": pa.string(),
+    "gradient_checkpointing": pa.bool_(),
+    "seed": pa.int32(),
+    "packing": pa.bool_(),
+    "eval_max_new_tokens": pa.int32(),
+    "embedder": pa.string(),
+    "emulate_profile": pa.bool_(),
+    "config_json": pa.string(),
+    # where it ran
+    "device": pa.string(),
+    "device_name": pa.string(),
+    "device_total_memory_bytes": pa.int64(),
+    "cpu_fallback": pa.bool_(),
+    "num_threads": pa.int32(),
+    # training
+    "train_seconds": pa.float64(),
+    "train_steps": pa.int32(),
+    "train_tokens": pa.int64(),
+    "tokens_per_second": pa.float64(),
+    "train_loss": pa.float64(),
+    "train_loss_first": pa.float64(),
+    "train_loss_last": pa.float64(),
+    "trainable_params": pa.int64(),
+    "total_params": pa.int64(),
+    # memory
+    "peak_memory_bytes": pa.int64(),
+    "memory_source": pa.string(),
+    "peak_cuda_allocated_bytes": pa.int64(),
+    "peak_cuda_reserved_bytes": pa.int64(),
+    "peak_nvml_bytes": pa.int64(),
+    "peak_rss_bytes": pa.int64(),
+    "predicted_peak_bytes": pa.int64(),
+    # evaluation
+    "similarity_score": pa.float64(),
+    "similarity_score_before": pa.float64(),
+    "accuracy": pa.float64(),
+    "accuracy_before": pa.float64(),
+    "f1": pa.float64(),
+    "f1_before": pa.float64(),
+    "eval_loss": pa.float64(),
+    "eval_loss_before": pa.float64(),
+    "eval_samples": pa.int32(),
+    "labels": pa.string(),
+    "eval_seconds": pa.float64(),
+    "adapter_path": pa.string(),
+    # provenance
+    "qlora_ray_version": pa.string(),
+    "python_version": pa.string(),
+    "torch_version": pa.string(),
+    "transformers_version": pa.string(),
+    "peft_version": pa.string(),
+    "bitsandbytes_version": pa.string(),
+    "accelerate_version": pa.string(),
+    "datasets_version": pa.string(),
+    "ray_version": pa.string(),
+    "cuda_version": pa.string(),
+    "git_commit": pa.string(),
+    "image": pa.string(),
+    "hostname": pa.string(),
+    "ray_node_id": pa.string(),
+    "started_at": TIMESTAMP,
+    "finished_at": TIMESTAMP,
+}
+RUN_SCHEMA = pa.schema([pa.field(k, t) for k, t in RUN_COLUMNS.items()])
+
+SAMPLE_COLUMNS: dict[str, pa.DataType] = {
+    "experiment_id": pa.string(),
+    "name": pa.string(),
+    "phase": pa.string(),  # "before" or "after" training
+    "index": pa.int32(),
+    "prompt": pa.string(),
+    "reference": pa.string(),
+    "generated": pa.string(),
+    "similarity_score": pa.float64(),
+    "label_predicted": pa.string(),
+    "correct": pa.bool_(),
+}
+SAMPLE_SCHEMA = pa.schema([pa.field(k, t) for k, t in SAMPLE_COLUMNS.items()])
+
+
+def empty_row() -> dict[str, Any]:
+    """A row with every contract column present and null."""
+    return dict.fromkeys(RUN_COLUMNS)
+
+
+def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows -> table with exactly `schema`; unknown keys are an error, missing ones null."""
+    names = set(schema.names)
+    for row in rows:
+        extra = set(row) - names
+        if extra:
+            raise KeyError(f"result row has columns outside the schema: {sorted(extra)}")
+    return pa.Table.from_pylist([{k: row.get(k) for k in schema.names} for row in rows], schema=schema)
+
+
+# ---------------------------------------------------------------------------------------
+# locations
+
+
+def resolve(results: str) -> tuple[pafs.FileSystem, str]:
+    """A local path or a URI -> (filesystem, base path inside it)."""
+    if "://" in results:
+        fs, path = pafs.FileSystem.from_uri(results)
+        return fs, path.rstrip("/")
+    return pafs.LocalFileSystem(), _abspath(results)
+
+
+def _abspath(path: str) -> str:
+    import os
+
+    return os.path.abspath(path)
+
+
+def spec_dir(results: str, spec_name: str) -> str:
+    """RESULTS/<spec name> as a string in the same form the user gave (path or URI)."""
+    return f"{results.rstrip('/')}/{spec_name}"
+
+
+def _write_atomic(fs: pafs.FileSystem, folder: str, filename: str, table: pa.Table) -> str:
+    fs.create_dir(folder, recursive=True)
+    final = f"{folder}/{filename}"
+    tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{filename}"
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    with fs.open_output_stream(tmp) as out:
+        out.write(buf.getvalue())
+    # On a local disk this is an atomic rename(2); on object stores the object appears whole
+    # at the final key in one PUT-equivalent copy, which is what readers need.
+    fs.move(tmp, final)
+    return final
+
+
+def write_run(results: str, spec_name: str, row: dict[str, Any]) -> str:
+    """Write one run row to RESULTS/<spec>/runs/<experiment_id>.parquet; returns its path."""
+    fs, base = resolve(results)
+    table = to_table([row], RUN_SCHEMA)
+    return _write_atomic(fs, f"{base}/{spec_name}/runs", f"{row['experiment_id']}.parquet", table)
+
+
+def write_samples(
+    results: str, spec_name: str, experiment_id: str, samples: list[dict[str, Any]]
+) -> str | None:
+    if not samples:
+        return None
+    fs, base = resolve(results)
+    table = to_table(samples, SAMPLE_SCHEMA)
+    return _write_atomic(fs, f"{base}/{spec_name}/samples", f"{experiment_id}.parquet", table)
+
+
+def _parquet_files(fs: pafs.FileSystem, folder: str) -> list[str]:
+    info = fs.get_file_info(folder)
+    if info.type != pafs.FileType.Directory:
+        return []
+    sel = pafs.FileSelector(folder, recursive=False)
+    return sorted(
+        i.path for i in fs.get_file_info(sel)
+        if i.type == pafs.FileType.File and i.base_name.endswith(".parquet")
+        and not i.base_name.startswith((".", "_"))
+    )
+
+
+def read_run_rows(results: str, spec_name: str) -> dict[str, dict[str, Any]]:
+    """experiment_id -> existing row (for resume). Unreadable files are skipped (rerun)."""
+    fs, base = resolve(results)
+    rows: dict[str, dict[str, Any]] = {}
+    for path in _parquet_files(fs, f"{base}/{spec_name}/runs"):
+        try:
+            with fs.open_input_file(path) as f:
+                table = pq.read_table(f)
+        except (OSError, pa.ArrowInvalid):
+            continue
+        for row in table.to_pylist():
+            if row.get("experiment_id"):
+                rows[row["experiment_id"]] = row
+    return rows
+
+
+def read_runs_table(folder: str, schema: pa.Schema = RUN_SCHEMA) -> tuple[pa.Table, list[str]]:
+    """Every readable part file in `folder` cast to `schema`, plus a message per bad file."""
+    fs, base = resolve(folder)
+    tables: list[pa.Table] = []
+    bad: list[str] = []
+    for path in _parquet_files(fs, base):
+        try:
+            with fs.open_input_file(path) as f:
+                table = pq.read_table(f)
+            missing = [n for n in ("experiment_id", "status") if n not in table.column_names]
+            if missing:
+                bad.append(f"{path}: not a qlora-ray file (no {', '.join(missing)} column)")
+                continue
+            tables.append(_conform(table, schema))
+        except (OSError, pa.ArrowException) as e:
+            bad.append(f"{path}: {e}")
+    if not tables:
+        return schema.empty_table(), bad
+    return pa.concat_tables(tables), bad
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Add missing columns as nulls, drop unknown ones, cast to the schema (older files)."""
+    cols = []
+    for f in schema:
+        if f.name in table.column_names:
+            cols.append(table.column(f.name).cast(f.type))
+        else:
+            cols.append(pa.nulls(table.num_rows, f.type))
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def iter_statuses(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["status"]] = counts.get(row["status"], 0) + 1
+    return counts
