@@ -1,0 +1,118 @@
+"""Base model load (4-bit NF4/FP4, 8-bit, or 16-bit), k-bit preparation, LoRA adapters.
+
+The only module that imports bitsandbytes (through transformers' BitsAndBytesConfig).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+from qlora_ray.config import BUILTIN_PREFIX, ExperimentConfig
+from qlora_ray.device import Device, check_attention
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@dataclass
+class LoadedModel:
+    model: PeftModel
+    tokenizer: Any
+    path: str  # local path or hub id actually loaded
+    trainable_params: int
+    total_params: int  # with 4-bit packing undone
+
+
+def resolve_model_path(name: str) -> str:
+    if name.startswith(BUILTIN_PREFIX):
+        from qlora_ray.builtin import ensure_builtin
+
+        return str(ensure_builtin(name))
+    return name
+
+
+def quantization_config(cfg: ExperimentConfig, compute_dtype: str) -> BitsAndBytesConfig | None:
+    q = cfg.quant
+    if q.bits == 4:
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=q.type,
+            bnb_4bit_use_double_quant=q.double_quant,
+            bnb_4bit_compute_dtype=DTYPES[compute_dtype],
+        )
+    if q.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None  # 16-bit: the plain LoRA baseline
+
+
+def load_tokenizer(cfg: ExperimentConfig, path: str) -> Any:
+    tok = AutoTokenizer.from_pretrained(
+        path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
+    )
+    if tok.pad_token is None:
+        # Llama-family tokenizers ship without a pad token; eos is the usual stand-in and is
+        # masked out of the loss by the collator.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load(cfg: ExperimentConfig, device: Device, compute_dtype: str) -> LoadedModel:
+    """Tokenizer + quantized base model on exactly one device + LoRA adapters."""
+    check_attention(
+        cfg.model.attn_implementation, device, importlib.util.find_spec("flash_attn") is not None
+    )
+    path = resolve_model_path(cfg.model.name)
+    tokenizer = load_tokenizer(cfg, path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        revision=cfg.model.revision,
+        trust_remote_code=cfg.model.trust_remote_code,
+        quantization_config=quantization_config(cfg, compute_dtype),
+        dtype=DTYPES[compute_dtype],
+        device_map=device.device_map,
+        attn_implementation=cfg.model.attn_implementation,
+    )
+    model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    if cfg.quant.bits in (4, 8):
+        # Casts norms/embeddings to fp32 for stable training and wires up checkpointing
+        # (with input grads enabled, which checkpointing a frozen base model needs).
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.train.gradient_checkpointing
+        )
+    elif cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.enable_input_require_grads()
+
+    lora = cfg.lora
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
+    peft_model = get_peft_model(
+        model,
+        PeftLoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=targets,
+            bias=lora.bias,
+            use_rslora=lora.use_rslora,
+            use_dora=lora.use_dora,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    # PEFT counts a packed 4-bit weight (two values per byte) as the weights it stands for.
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    return LoadedModel(peft_model, tokenizer, path, int(trainable), int(total))
+
+
+def load_adapter_for_inference(base_path: str, adapter_dir: str, device_map: Any = "cpu") -> PeftModel:
+    """Reload a saved adapter onto its (unquantized) base model, as a user would."""
+    base = AutoModelForCausalLM.from_pretrained(base_path, device_map=device_map)
+    return PeftModel.from_pretrained(base, adapter_dir)

@@ -1,0 +1,75 @@
+"""Where a row came from: package versions, git commit, container image, host, Ray node."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import socket
+import subprocess
+from importlib import metadata
+from typing import Any
+
+PACKAGES = {
+    "qlora_ray_version": "qlora-ray",
+    "torch_version": "torch",
+    "transformers_version": "transformers",
+    "peft_version": "peft",
+    "bitsandbytes_version": "bitsandbytes",
+    "accelerate_version": "accelerate",
+    "datasets_version": "datasets",
+    "ray_version": "ray",
+}
+
+# Set by the Dockerfile (build args) so rows made inside the image name it and its commit.
+IMAGE_ENV = "QLORA_RAY_IMAGE"
+GIT_COMMIT_ENV = "QLORA_RAY_GIT_COMMIT"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The project's commit: from the image's env, else `git` in the working directory."""
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=5, check=True,
+        ).stdout.strip()
+        return f"{out}-dirty" if dirty else out
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def ray_node_id() -> str | None:
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.get_runtime_context().get_node_id()
+    except Exception:
+        pass
+    return None
+
+
+def collect(cuda_version: str | None = None) -> dict[str, Any]:
+    row: dict[str, Any] = {col: _version(dist) for col, dist in PACKAGES.items()}
+    row.update(
+        python_version=platform.python_version(),
+        cuda_version=cuda_version,
+        git_commit=git_commit(),
+        image=os.environ.get(IMAGE_ENV),
+        hostname=socket.gethostname(),
+        ray_node_id=ray_node_id(),
+    )
+    return row

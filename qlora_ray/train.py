@@ -1,0 +1,132 @@
+"""The training run: transformers' Trainer over the prepared data, timed and token-counted."""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import Trainer, TrainingArguments
+
+from qlora_ray.config import ExperimentConfig
+from qlora_ray.device import Device
+from qlora_ray.measure import Timer
+
+log = logging.getLogger(__name__)
+
+# bitsandbytes' paged/8-bit optimizers run on CUDA and, since bitsandbytes 0.49, on the CPU
+# too; older builds without CPU kernels fall back to the plain optimizer, and the row says so.
+BNB_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit")
+
+
+@dataclass
+class TrainResult:
+    seconds: float
+    steps: int
+    tokens: int  # non-padding input tokens the optimizer saw
+    loss: float | None  # mean training loss over the run
+    loss_first: float | None  # first logged loss
+    loss_last: float | None  # last logged loss
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float | None:
+        return self.tokens / self.seconds if self.seconds > 0 else None
+
+
+def effective_optimizer(requested: str, device: Device) -> str:
+    if requested in BNB_OPTIMIZERS and device.kind == "cpu" and not _bnb_has_cpu_optimizers():
+        return "adamw_torch"
+    return requested
+
+
+def _bnb_has_cpu_optimizers() -> bool:
+    try:
+        import bitsandbytes as bnb
+        from packaging.version import Version
+
+        return Version(bnb.__version__) >= Version("0.49")
+    except Exception:
+        return False
+
+
+def make_trainer(
+    model: Any,
+    tokenizer: Any,
+    train_dataset: Any,
+    eval_dataset: Any,
+    collator: Any,
+    cfg: ExperimentConfig,
+    device: Device,
+    compute_dtype: str,
+    batch_size: int,
+    grad_accum: int,
+    output_dir: str | None = None,
+) -> Trainer:
+    t = cfg.train
+    on_cuda = device.kind == "cuda"
+    args = TrainingArguments(
+        output_dir=output_dir or tempfile.mkdtemp(prefix="qlora-ray-trainer-"),
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=cfg.eval.batch_size,
+        gradient_accumulation_steps=grad_accum,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps if t.max_steps is not None else -1,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler,
+        warmup_steps=t.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=effective_optimizer(t.optim, device),
+        # Mixed precision only on CUDA; on the CPU the bitsandbytes layers already compute
+        # in the chosen dtype and autocast would only slow the run down.
+        bf16=on_cuda and compute_dtype == "bfloat16",
+        fp16=on_cuda and compute_dtype == "float16",
+        use_cpu=not on_cuda,
+        # Checkpointing is already wired in modeling.load (k-bit preparation needs it there).
+        gradient_checkpointing=False,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        eval_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+    )
+
+
+def train(trainer: Trainer) -> TrainResult:
+    with Timer() as timer:
+        output = trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    losses = [h["loss"] for h in history if isinstance(h.get("loss"), (int, float))]
+    loss = output.training_loss
+    return TrainResult(
+        seconds=timer.seconds,
+        steps=int(trainer.state.global_step),
+        tokens=int(trainer.state.num_input_tokens_seen),
+        loss=loss if loss is not None and math.isfinite(loss) else None,
+        loss_first=losses[0] if losses else None,
+        loss_last=losses[-1] if losses else None,
+        log_history=list(trainer.state.log_history),
+    )
+
+
+def eval_loss(trainer: Trainer) -> float | None:
+    metrics = trainer.evaluate()
+    value = metrics.get("eval_loss")
+    return float(value) if value is not None else None

@@ -1,0 +1,243 @@
+"""One experiment, start to finish, in this process: the function a Ray task runs.
+
+    setup (device, dtype) -> load (model, adapters, data) -> eval before -> train -> eval after
+
+It never raises for a per-experiment failure: an out-of-memory error becomes a row with
+status `oom`, anything else `failed`, each with the phase it happened in and the memory
+figures measured so far. Memory is freed before returning.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gc
+import logging
+import math
+import tempfile
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+from qlora_ray.config import ExperimentConfig, flatten
+from qlora_ray.profiles import GpuProfile, get_profile, resolve_compute_dtype
+from qlora_ray.results import empty_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunOutput:
+    row: dict[str, Any]
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """CUDA OOM (torch.cuda.OutOfMemoryError), host OOM (MemoryError), or a backend's text."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
+
+
+def describe_error(exc: BaseException) -> str:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
+    return f"{type(exc).__name__}: {exc}"[:4000] + where
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    *,
+    spec_name: str = "adhoc",
+    experiment_id: str | None = None,
+    batch_size: int | None = None,
+    profile: GpuProfile | None = None,
+    predicted_peak_bytes: int | None = None,
+    results: str | None = None,
+    allow_cpu_fallback: bool = False,
+    num_threads: int | None = None,
+    attempt: int = 1,
+) -> RunOutput:
+    """Run one resolved experiment and return its result row (and per-sample rows).
+
+    `experiment_id` defaults to `cfg.experiment_id`; the driver passes the id of the cell as
+    spec'd so that resolving `auto` values does not change it. `batch_size` is the resolved
+    micro-batch when the spec says `auto`.
+    """
+    from qlora_ray import provenance
+
+    eid = experiment_id or cfg.experiment_id
+    row = empty_row()
+    row.update(flatten(cfg))
+    row.update(experiment_id=eid, spec_name=spec_name, attempt=attempt,
+               predicted_peak_bytes=predicted_peak_bytes, started_at=_now())
+    samples: list[dict[str, Any]] = []
+    state: dict[str, Any] = {"phase": "setup", "probe": None}
+    try:
+        _run_phases(cfg, row, samples, state, batch_size=batch_size, profile=profile,
+                    results=results, spec_name=spec_name, experiment_id=eid,
+                    allow_cpu_fallback=allow_cpu_fallback, num_threads=num_threads)
+        row.update(status="ok", error=None, error_phase=None)
+    except Exception as exc:
+        row.update(status="oom" if is_oom(exc) else "failed", error=describe_error(exc),
+                   error_phase=state["phase"])
+        if state["probe"] is not None:
+            try:
+                row.update(state["probe"].read().as_row())  # figures so far, for the post-mortem
+            except Exception:
+                log.debug("could not read memory after failure", exc_info=True)
+    # The model, trainer and data lived in _run_phases' frame, gone now; hand the memory back.
+    _free()
+    row.update(provenance.collect(cuda_version=row.get("cuda_version")))
+    row["finished_at"] = _now()
+    for s in samples:
+        s.update(experiment_id=eid, name=cfg.name)
+    return RunOutput(row, samples)
+
+
+def _run_phases(
+    cfg: ExperimentConfig,
+    row: dict[str, Any],
+    samples: list[dict[str, Any]],
+    state: dict[str, Any],
+    *,
+    batch_size: int | None,
+    profile: GpuProfile | None,
+    results: str | None,
+    spec_name: str,
+    experiment_id: str,
+    allow_cpu_fallback: bool,
+    num_threads: int | None,
+) -> None:
+    """The phases, top to bottom; `state["phase"]` says where a failure happened."""
+    import torch
+
+    from qlora_ray import device as devices
+    from qlora_ray import evaluate as ev
+    from qlora_ray import modeling
+    from qlora_ray import train as training
+    from qlora_ray.data import make_collator, prepare_data
+    from qlora_ray.measure import MemoryProbe
+
+    if num_threads:
+        # Two experiments sharing a node's cores must not each spawn a thread per core.
+        torch.set_num_threads(num_threads)
+    row["num_threads"] = torch.get_num_threads()
+    if profile is None and cfg.gpu not in (None, "cpu"):
+        profile = get_profile(cfg.gpu)
+    device = devices.resolve_device(cfg, torch.cuda, allow_cpu_fallback=allow_cpu_fallback)
+    row.update(device=device.torch_device, device_name=device.name,
+               device_total_memory_bytes=device.total_memory_bytes,
+               cpu_fallback=device.cpu_fallback, cuda_version=torch.version.cuda)
+    compute_dtype = resolve_compute_dtype(cfg.quant.compute_dtype, profile if device.kind == "cuda" else None)
+    if cfg.quant.compute_dtype == "auto" and device.kind == "cuda" and not device.bf16:
+        compute_dtype = "float16"
+    row["compute_dtype"] = compute_dtype
+    devices.check_dtype(compute_dtype, device)
+    if cfg.emulate_profile and profile is not None:
+        devices.emulate_profile(profile, device, torch.cuda)
+    probe = state["probe"] = MemoryProbe(torch.cuda if device.kind == "cuda" else None)
+
+    bs = batch_size if batch_size is not None else cfg.train.batch_size
+    if not isinstance(bs, int):
+        raise ValueError("train.batch_size is `auto` but no resolved batch size was passed; "
+                         "run through `qlora-ray run`, which plans it, or give an integer")
+    run_cfg = cfg if bs == cfg.train.batch_size else cfg.replace(**{"train.batch_size": bs})
+    embedder = ev.Embedder(cfg.eval.similarity.embedder, device.torch_device)
+    evaluated_before = False
+
+    while True:  # more than once only when OOM back-off halves the micro-batch
+        state["phase"] = "load"
+        loaded = modeling.load(run_cfg, device, compute_dtype)
+        data = prepare_data(run_cfg, loaded.tokenizer)
+        trainer = training.make_trainer(
+            loaded.model, loaded.tokenizer, data.train, data.eval, make_collator(loaded.tokenizer),
+            run_cfg, device, compute_dtype, run_cfg.train.batch_size, run_cfg.train.grad_accum,
+        )
+        row.update(trainable_params=loaded.trainable_params, total_params=loaded.total_params,
+                   optim_effective=str(trainer.args.optim.value),
+                   labels=",".join(data.labels or []) or None, eval_samples=len(data.eval_prompts))
+        if cfg.eval.before and not evaluated_before:
+            # LoRA's B matrices start at zero, so this is the base model's own behaviour.
+            state["phase"] = "eval"
+            before = ev.evaluate(
+                loaded.model, loaded.tokenizer, data.eval_prompts, data.eval_references, data.labels,
+                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                embedder=embedder, phase="before",
+            )
+            samples.extend(before.samples)
+            row.update(similarity_score_before=before.similarity_score,
+                       accuracy_before=before.accuracy, f1_before=before.f1,
+                       eval_loss_before=_finite(training.eval_loss(trainer)))
+            evaluated_before = True
+        state["phase"] = "train"
+        probe.reset()
+        smaller = None
+        try:
+            result = training.train(trainer)
+        except Exception as exc:
+            smaller = _backoff(run_cfg) if is_oom(exc) and cfg.train.oom_backoff else None
+            if smaller is None:
+                raise
+        if smaller is None:
+            break
+        log.warning("OOM at micro-batch %d; retrying with %d x %d accumulation",
+                    run_cfg.train.batch_size, smaller.train.batch_size, smaller.train.grad_accum)
+        run_cfg = smaller
+        del loaded, data, trainer
+        _free()
+
+    row.update(probe.read().as_row())
+    row.update(batch_size=run_cfg.train.batch_size, grad_accum=run_cfg.train.grad_accum,
+               train_seconds=result.seconds, train_steps=result.steps, train_tokens=result.tokens,
+               tokens_per_second=result.tokens_per_second, train_loss=_finite(result.loss),
+               train_loss_first=result.loss_first, train_loss_last=result.loss_last)
+
+    state["phase"] = "eval"
+    after = ev.evaluate(
+        loaded.model, loaded.tokenizer, data.eval_prompts, data.eval_references, data.labels,
+        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+        embedder=embedder, phase="after",
+    )
+    samples.extend(after.samples)
+    row.update(similarity_score=after.similarity_score, accuracy=after.accuracy, f1=after.f1,
+               eval_loss=_finite(training.eval_loss(trainer)), eval_seconds=after.seconds)
+    if cfg.train.save_adapter and results:
+        state["phase"] = "save"
+        row["adapter_path"] = save_adapter(loaded.model, results, spec_name, experiment_id)
+
+
+def _backoff(cfg: ExperimentConfig) -> ExperimentConfig | None:
+    from qlora_ray.planner import backoff
+
+    return backoff(cfg)
+
+
+def _free() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def save_adapter(model: Any, results: str, spec_name: str, experiment_id: str) -> str:
+    """Save the adapter locally, then copy it to RESULTS/<spec>/adapters/<id> (path or URI)."""
+    import pyarrow.fs as pafs
+
+    from qlora_ray.results import resolve
+
+    fs, base = resolve(results)
+    dest = f"{base}/{spec_name}/adapters/{experiment_id}"
+    with tempfile.TemporaryDirectory(prefix="qlora-ray-adapter-") as tmp:
+        model.save_pretrained(tmp)
+        fs.create_dir(dest, recursive=True)
+        pafs.copy_files(tmp, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    return dest if "://" not in results else f"{results.rstrip('/')}/{spec_name}/adapters/{experiment_id}"
