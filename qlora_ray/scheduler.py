@@ -1,0 +1,484 @@
+"""`qlora-ray run`: fan a spec's cells out on Ray, one task per experiment, rows to Parquet.
+
+The only module that drives Ray. Read top to bottom:
+
+    run_spec -> plan -> resume filter -> connect -> submit / wait loop -> summary
+
+* One Ray task per experiment. GPU cells use a remote function *declared* with
+  `num_gpus=1` and `max_calls=1`, so every experiment gets a fresh worker process with
+  exactly one GPU in CUDA_VISIBLE_DEVICES (Ray reuses worker processes when GPUs are only
+  given through `.options()`, and a CUDA context would stick to the wrong card). The card
+  type is asked for with `accelerator_type`. Cells without a `gpu` take CPU slots instead.
+* Rows are written by the driver as each task returns, so a row exists the moment its
+  experiment is done and results can live on any pyarrow filesystem.
+* A cell whose resources no node offers becomes an `unschedulable` row after
+  `--unschedulable-timeout` seconds (the time an autoscaler gets to add such a node).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from qlora_ray.config import ExperimentConfig, flatten, to_dict
+from qlora_ray.grid import Spec, load_spec
+from qlora_ray.results import empty_row, read_run_rows, write_run, write_samples
+
+RETRYABLE = ("oom", "failed", "unschedulable")
+DEFAULT_UNSCHEDULABLE_TIMEOUT = 600.0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("spec", help="YAML grid spec, e.g. experiments/quickstart.yaml")
+    p.add_argument("--results", default="results",
+                   help="results root: a path or a pyarrow URI (file://, s3://, gs://); default: results")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--max-parallel", type=int, default=None,
+                   help="at most this many experiments at once (default: as many as the cluster fits)")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="rerun cells whose row is oom / failed / unschedulable (ok rows are always kept)")
+    p.add_argument("--allow-cpu-fallback", action="store_true",
+                   help="a GPU cell on a node without a CUDA device runs on the CPU instead of failing "
+                        "(also QLORA_RAY_ALLOW_CPU_FALLBACK=1)")
+    p.add_argument("--unschedulable-timeout", type=float, default=None,
+                   help="seconds a cell may wait for a node type that no node has before it becomes an "
+                        f"`unschedulable` row (default {DEFAULT_UNSCHEDULABLE_TIMEOUT:.0f} on a cluster, "
+                        "0 on the embedded Ray, which cannot grow)")
+    p.add_argument("--cpus-per-task", type=int, default=1,
+                   help="CPU slots per experiment; torch uses this many threads (default 1)")
+    p.add_argument("--max-retries", type=int, default=2,
+                   help="Ray retries of a task whose worker process or node died (default 2)")
+    p.add_argument("--skip-unfit", action="store_true",
+                   help="record cells the planner says cannot run as `skipped` rows instead of refusing")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="embedded Ray only: CPU slots to offer (default: all cores)")
+
+
+@dataclass
+class Cell:
+    """One experiment on its way through the driver."""
+
+    config: ExperimentConfig
+    experiment_id: str
+    batch_size: int
+    predicted_peak_bytes: int | None
+    profile: Any
+    attempt: int = 1
+    submitted_at: float | None = None
+    ref: Any = None
+    resources: dict[str, float] = field(default_factory=dict)
+
+
+def main(args: argparse.Namespace) -> int:
+    return run_spec(
+        args.spec, results=args.results, address=args.address, max_parallel=args.max_parallel,
+        retry_failed=args.retry_failed, allow_cpu_fallback=args.allow_cpu_fallback,
+        unschedulable_timeout=args.unschedulable_timeout, cpus_per_task=args.cpus_per_task,
+        max_retries=args.max_retries, skip_unfit=args.skip_unfit, num_cpus=args.num_cpus,
+    )
+
+
+def run_spec(
+    spec_path: str,
+    *,
+    results: str = "results",
+    address: str | None = None,
+    max_parallel: int | None = None,
+    retry_failed: bool = False,
+    allow_cpu_fallback: bool = False,
+    unschedulable_timeout: float | None = None,
+    cpus_per_task: int = 1,
+    max_retries: int = 2,
+    skip_unfit: bool = False,
+    num_cpus: int | None = None,
+    out: Any = None,
+) -> int:
+    """Run a spec; returns the exit code (0 when every cell has an `ok` row)."""
+    out = out or sys.stdout
+    spec = load_spec(spec_path)  # every spec problem is raised here, before any work
+
+    # Plan first: cells that cannot run as specified stop the run before Ray starts.
+    from qlora_ray.planner import plan_spec
+
+    plans = plan_spec(spec)
+    unfit = [p for p in plans if p.problems]
+    if unfit and not skip_unfit:
+        print(f"qlora-ray run: {len(unfit)} cell(s) cannot run as specified "
+              "(fix the spec, or pass --skip-unfit to record them as skipped):", file=sys.stderr)
+        for p in unfit:
+            print(f"  - {p.name}: {'; '.join(p.problems)}", file=sys.stderr)
+        return 2
+
+    existing = read_run_rows(results, spec.name)
+    todo: list[Cell] = []
+    kept: dict[str, dict[str, Any]] = {}
+    for plan in plans:
+        prev = existing.get(plan.experiment_id)
+        attempt = int(prev.get("attempt") or 0) + 1 if prev else 1
+        if plan.problems:
+            row = _driver_row(plan.config, plan.experiment_id, spec.name, "skipped",
+                              "; ".join(plan.problems), attempt, plan.predicted_peak_bytes)
+            write_run(results, spec.name, row)
+            kept[plan.experiment_id] = row
+            continue
+        if prev and (prev["status"] == "ok" or (prev["status"] in RETRYABLE and not retry_failed)):
+            kept[plan.experiment_id] = prev
+            continue
+        todo.append(Cell(plan.config, plan.experiment_id, plan.batch_size, plan.predicted_peak_bytes,
+                         plan.profile, attempt))
+    print(f"{spec.name}: {len(plans)} cells, {len(kept)} already have a row, {len(todo)} to run "
+          f"-> {results.rstrip('/')}/{spec.name}/runs/", file=out)
+
+    rows = dict(kept)
+    if todo:
+        rows.update(_run_cells(spec, todo, results=results, address=address, max_parallel=max_parallel,
+                               allow_cpu_fallback=allow_cpu_fallback,
+                               unschedulable_timeout=unschedulable_timeout,
+                               cpus_per_task=cpus_per_task, max_retries=max_retries,
+                               num_cpus=num_cpus, out=out))
+    ordered = [rows[p.experiment_id] for p in plans if p.experiment_id in rows]
+    print_summary(ordered, out)
+    print(f"results: {results.rstrip('/')}/{spec.name}/runs/  (pandas.read_parquet reads the folder)",
+          file=out)
+    missing = len(plans) - len(ordered)
+    if missing:
+        print(f"interrupted: {missing} cell(s) have no row yet; rerun the same command to resume",
+              file=out)
+    return 0 if not missing and all(r["status"] == "ok" for r in ordered) else 1
+
+
+# --------------------------------------------------------------------------- Ray side
+
+
+class _Tracker:
+    """Tiny actor the tasks report their start to, so progress can tell running from queued."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, float] = {}
+
+    def start(self, experiment_id: str) -> None:
+        self.started[experiment_id] = time.time()
+
+    def snapshot(self) -> dict[str, float]:
+        return dict(self.started)
+
+
+def _task(payload: dict[str, Any], tracker: Any) -> Any:
+    """Runs in the Ray worker process: one experiment."""
+    from qlora_ray.config import from_dict
+    from qlora_ray.worker import run_experiment
+
+    tracker.start.remote(payload["experiment_id"])
+    # Relative dataset paths in a spec are relative to where `run` was started; on the same
+    # machine the worker can follow it there (on a cluster, --working-dir does the same).
+    cwd = payload.pop("cwd", None)
+    if cwd and os.path.isdir(cwd):
+        os.chdir(cwd)
+    cfg = from_dict(ExperimentConfig, payload.pop("config"))
+    output = run_experiment(cfg, **payload)
+    output.row["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    output.row["worker_pid"] = os.getpid()
+    return output
+
+
+def _remote_functions(max_retries: int) -> tuple[Any, Any, Any]:
+    import ray
+
+    # Declared (not just .options()) with num_gpus=1 and max_calls=1: a fresh process per
+    # experiment, pinned to one GPU. CPU cells get max_calls=1 too, so no state leaks.
+    gpu_task = ray.remote(num_gpus=1, max_calls=1, max_retries=max_retries)(_task)
+    cpu_task = ray.remote(num_cpus=1, max_calls=1, max_retries=max_retries)(_task)
+    tracker = ray.remote(num_cpus=0)(_Tracker)
+    return gpu_task, cpu_task, tracker
+
+
+def _connect(address: str | None, num_cpus: int | None) -> bool:
+    """Join a cluster (--address, $RAY_ADDRESS, or the job's own) or start an embedded one.
+
+    Returns True when the cluster is embedded (started here, so it cannot grow).
+    """
+    import ray
+
+    # Ray retries a task its memory monitor killed forever by default; an OOM must not be
+    # retried unchanged, it becomes an `oom` row. The owner (this driver) reads this.
+    os.environ.setdefault("RAY_task_oom_retries", "0")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def _requirement(cell: Cell, cpus_per_task: int) -> dict[str, float]:
+    if cell.profile is not None and cell.profile.is_gpu:
+        req = {"GPU": 1.0, "CPU": float(cpus_per_task)}
+        if cell.profile.ray_accelerator_type:
+            req[f"accelerator_type:{cell.profile.ray_accelerator_type}"] = 0.001
+        return req
+    return {"CPU": float(cpus_per_task)}
+
+
+def _feasible(req: dict[str, float], nodes: list[dict[str, Any]]) -> bool:
+    """Could any live node ever run this (its totals, not what is free right now)?"""
+    return any(
+        node.get("Alive") and all(node.get("Resources", {}).get(k, 0) >= v for k, v in req.items())
+        for node in nodes
+    )
+
+
+def _run_cells(
+    spec: Spec,
+    todo: list[Cell],
+    *,
+    results: str,
+    address: str | None,
+    max_parallel: int | None,
+    allow_cpu_fallback: bool,
+    unschedulable_timeout: float | None,
+    cpus_per_task: int,
+    max_retries: int,
+    num_cpus: int | None,
+    out: Any,
+) -> dict[str, dict[str, Any]]:
+    import ray
+
+    _prebuild_builtin_models(todo)
+    embedded = _connect(address, num_cpus)
+    if unschedulable_timeout is None:
+        unschedulable_timeout = 0.0 if embedded else DEFAULT_UNSCHEDULABLE_TIMEOUT
+    gpu_task, cpu_task, tracker_cls = _remote_functions(max_retries)
+    tracker = tracker_cls.remote()
+    rows: dict[str, dict[str, Any]] = {}
+    pending = list(todo)
+    running: dict[Any, Cell] = {}
+    progress = _Progress(len(todo), out)
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)  # `ray job stop`
+    try:
+        while pending or running:
+            while pending and (max_parallel is None or len(running) < max_parallel):
+                cell = pending.pop(0)
+                cell.resources = _requirement(cell, cpus_per_task)
+                task = gpu_task if "GPU" in cell.resources else cpu_task
+                options: dict[str, Any] = {"num_cpus": cpus_per_task,
+                                           "name": f"qlora-ray:{cell.config.name}"}
+                if cell.profile is not None and cell.profile.is_gpu and cell.profile.ray_accelerator_type:
+                    options["accelerator_type"] = cell.profile.ray_accelerator_type
+                cell.ref = task.options(**options).remote(
+                    _payload(cell, spec, results, allow_cpu_fallback, cpus_per_task), tracker)
+                cell.submitted_at = time.monotonic()
+                running[cell.ref] = cell
+
+            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            for ref in done:
+                cell = running.pop(ref)
+                row, samples = _collect(ref, cell, spec)
+                _write(results, spec.name, row, samples)
+                rows[cell.experiment_id] = row
+                progress.finished(row)
+
+            _expire_unschedulable(running, rows, spec, results, unschedulable_timeout, progress)
+            started = _safe_get(tracker.snapshot.remote()) or {}
+            progress.show(running=sum(1 for c in running.values() if c.experiment_id in started),
+                          queued=len(pending) + sum(1 for c in running.values()
+                                                    if c.experiment_id not in started))
+    except KeyboardInterrupt:
+        for ref in running:
+            ray.cancel(ref, force=True)
+        print(f"\ninterrupted: cancelled {len(running)} running experiment(s); "
+              f"{len(rows)} row(s) written this run stay valid", file=out)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        if embedded:
+            ray.shutdown()
+    return rows
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _safe_get(ref: Any) -> Any:
+    import ray
+
+    try:
+        return ray.get(ref, timeout=5)
+    except Exception:
+        return None
+
+
+def _payload(cell: Cell, spec: Spec, results: str, allow_cpu_fallback: bool, cpus: int) -> dict[str, Any]:
+    return {
+        "config": to_dict(cell.config),
+        "experiment_id": cell.experiment_id,
+        "spec_name": spec.name,
+        "batch_size": cell.batch_size,
+        "profile": cell.profile,
+        "predicted_peak_bytes": cell.predicted_peak_bytes,
+        "results": results,
+        "allow_cpu_fallback": allow_cpu_fallback,
+        "num_threads": cpus,
+        "attempt": cell.attempt,
+        "cwd": os.getcwd(),
+    }
+
+
+def _collect(ref: Any, cell: Cell, spec: Spec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The task's row, or a row describing how the task itself died."""
+    import ray
+    from ray import exceptions as rex
+
+    try:
+        output = ray.get(ref)
+        return output.row, output.samples
+    except rex.TaskCancelledError:
+        status, error = "failed", "cancelled"
+    except rex.OutOfMemoryError as e:  # Ray's memory monitor killed the worker
+        status, error = "oom", f"killed by Ray's memory monitor: {_first_line(e)}"
+    except (rex.WorkerCrashedError, rex.NodeDiedError, rex.RayTaskError, rex.RayError) as e:
+        status, error = "failed", f"{type(e).__name__}: {_first_line(e)}"
+    return _driver_row(cell.config, cell.experiment_id, spec.name, status, error, cell.attempt,
+                       cell.predicted_peak_bytes), []
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:2000] if text else type(exc).__name__
+
+
+def _expire_unschedulable(
+    running: dict[Any, Cell],
+    rows: dict[str, dict[str, Any]],
+    spec: Spec,
+    results: str,
+    timeout: float,
+    progress: _Progress,
+) -> None:
+    import ray
+
+    now = time.monotonic()
+    waiting = [c for c in running.values() if c.submitted_at is not None and now - c.submitted_at >= timeout]
+    if not waiting:
+        return
+    nodes = ray.nodes()
+    for cell in waiting:
+        if _feasible(cell.resources, nodes):
+            continue  # some node has it: the cell is only queued behind others
+        ray.cancel(cell.ref, force=True)
+        running.pop(cell.ref)
+        wanted = ", ".join(f"{k}={v:g}" for k, v in cell.resources.items())
+        error = (f"no node offers {wanted} (gpu {cell.config.gpu!r}) after waiting {timeout:.0f}s; "
+                 "add such a node (or a node type the autoscaler can start), or drop the cell")
+        row = _driver_row(cell.config, cell.experiment_id, spec.name, "unschedulable", error,
+                          cell.attempt, cell.predicted_peak_bytes)
+        write_run(results, spec.name, row)
+        rows[cell.experiment_id] = row
+        progress.finished(row)
+
+
+def _prebuild_builtin_models(cells: list[Cell]) -> None:
+    """Build the local tiny model once here rather than in N workers racing for one lock."""
+    names = {c.config.model.name for c in cells if c.config.model.name.startswith("builtin:")}
+    if names:
+        from qlora_ray.builtin import ensure_builtin
+
+        for name in sorted(names):
+            ensure_builtin(name)
+
+
+# --------------------------------------------------------------------------- rows and output
+
+
+def _driver_row(
+    cfg: ExperimentConfig, experiment_id: str, spec_name: str, status: str, error: str,
+    attempt: int, predicted_peak_bytes: int | None,
+) -> dict[str, Any]:
+    """A row for a cell whose task never produced one (skipped, unschedulable, crashed)."""
+    from qlora_ray import provenance
+
+    now = dt.datetime.now(dt.timezone.utc)
+    row = empty_row()
+    row.update(flatten(cfg))
+    row.update(provenance.collect())
+    row.update(experiment_id=experiment_id, spec_name=spec_name, status=status, error=error,
+               attempt=attempt, predicted_peak_bytes=predicted_peak_bytes, started_at=now,
+               finished_at=now)
+    return row
+
+
+def _write(results: str, spec_name: str, row: dict[str, Any], samples: list[dict[str, Any]]) -> None:
+    # Samples first: once the run row exists the experiment counts as done on resume.
+    write_samples(results, spec_name, row["experiment_id"], samples)
+    write_run(results, spec_name, row)
+
+
+class _Progress:
+    """One status line whenever the counts change (plain lines: readable in `ray job logs`)."""
+
+    def __init__(self, total: int, out: Any):
+        self.total = total
+        self.out = out
+        self.done = 0
+        self.failed = 0
+        self.durations: list[float] = []
+        self.last = ""
+        self.t0 = time.monotonic()
+
+    def finished(self, row: dict[str, Any]) -> None:
+        self.done += 1
+        if row["status"] != "ok":
+            self.failed += 1
+        if row.get("started_at") and row.get("finished_at") and row["status"] == "ok":
+            self.durations.append((row["finished_at"] - row["started_at"]).total_seconds())
+        print(f"  [{self.done}/{self.total}] {row['name']}: {row['status']}"
+              + (f" ({row['error'][:160]})" if row.get("error") else ""), file=self.out, flush=True)
+
+    def show(self, running: int, queued: int) -> None:
+        eta = ""
+        if self.durations and (running or queued):
+            mean = sum(self.durations) / len(self.durations)
+            eta = f" · ETA ~{_hms(mean * (running + queued) / max(running, 1))}"
+        line = (f"progress: {self.done}/{self.total} done ({self.failed} not ok) · {running} running · "
+                f"{queued} pending{eta}")
+        if line.split(" · ETA")[0] != self.last.split(" · ETA")[0]:
+            print(line, file=self.out, flush=True)
+            self.last = line
+
+
+def _hms(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def print_summary(rows: list[dict[str, Any]], out: Any) -> None:
+    header = ("name", "status", "train time", "peak GiB", "source", "similarity before -> after", "accuracy")
+    lines = []
+    for r in rows:
+        peak = r.get("peak_memory_bytes")
+        sim = r.get("similarity_score")
+        before = r.get("similarity_score_before")
+        acc = r.get("accuracy")
+        lines.append((
+            r["name"], r["status"], _hms(r.get("train_seconds")),
+            f"{peak / 2**30:.2f}" if peak else "-", r.get("memory_source") or "-",
+            (f"{before:.3f} -> " if before is not None else "") + (f"{sim:.3f}" if sim is not None else "-"),
+            f"{acc:.2f}" if acc is not None else "-",
+        ))
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    print("\n" + fmt.format(*header), file=out)
+    print(fmt.format(*("-" * w for w in widths)), file=out)
+    for line in lines:
+        print(fmt.format(*line), file=out)
+    for r in rows:
+        if r["status"] != "ok" and r.get("error"):
+            print(f"  {r['name']}: {r['status']}: {r['error'][:300]}", file=out)
