@@ -78,6 +78,8 @@ RUN_COLUMNS: dict[str, pa.DataType] = {
     "device_total_memory_bytes": pa.int64(),
     "cpu_fallback": pa.bool_(),
     "num_threads": pa.int32(),
+    "cuda_visible_devices": pa.string(),  # what Ray (or docker --gpus) exposed to the task
+    "worker_pid": pa.int64(),
     # training
     "train_seconds": pa.float64(),
     "train_steps": pa.int32(),
