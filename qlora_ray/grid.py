@@ -9,6 +9,7 @@ A spec:
       - {train.batch_size: [1, 2, 4], train.grad_accum: [4, 2, 1]}
     seeds: [0, 1, 2]                  # repeats: an axis over train.seed
     exclude: [{gpu: T4, quant.compute_dtype: bfloat16}]
+    preset: seed-per-gpu              # per-GPU lora/batch starting points (profiles.PRESETS)
     runs:                             # named experiments (each crossed with the axes above)
       - {name: lora-16bit, quant.bits: 16}
       - {name: qlora-nf4}
@@ -34,9 +35,10 @@ from qlora_ray.config import (
     problem,
     set_dotted,
 )
-from qlora_ray.profiles import GpuProfile, get_profile
+from qlora_ray.profiles import GpuProfile, get_profile, preset_overrides
 
-SPEC_KEYS = ("name", "base", "grid", "paired", "seeds", "exclude", "runs", "profiles", "description")
+SPEC_KEYS = ("name", "base", "grid", "paired", "seeds", "exclude", "runs", "profiles", "description",
+             "preset")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
 
 # Short tokens for the human-readable cell name, e.g. r8-bs4-bf16-T4.
@@ -123,7 +125,13 @@ def expand(data: Any, source: str | None = None) -> Spec:
                 matched_rules.update(hits)
                 continue
             cell = _nested_copy(base)
-            for key, value in values.items():
+            try:
+                # A preset sits between the base and the axes: an axis or run value still wins.
+                preset = preset_overrides(data.get("preset"), values.get("gpu", base.get("gpu")), profiles)
+            except ConfigError as e:
+                problems.extend(e.problems)
+                continue
+            for key, value in {**preset, **values}.items():
                 set_dotted(cell, key, value)
             cell["name"] = _cell_name(run_name, combo)
             try:

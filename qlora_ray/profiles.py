@@ -1,7 +1,8 @@
 """GPU profiles: how much memory a card gives a process, what it supports, how Ray names it.
 
 Pure data. `total_mib` is what `nvidia-smi` reports as the card's memory (a little less
-than the marketing size); the planner subtracts the CUDA context itself.
+than the marketing size); the planner counts the CUDA context as part of each prediction,
+so the whole of it is `usable_bytes`.
 
 `ray_accelerator_type` is the label Ray auto-detects from the device name (see
 `ray/_private/accelerators/nvidia_gpu.py`): a node with that card advertises the resource
@@ -14,6 +15,7 @@ node only has when it is started with `--resources='{"accelerator_type:A100-40G"
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from qlora_ray.config import ConfigError, problem
 
@@ -34,6 +36,11 @@ class GpuProfile:
         return self.total_mib * 1024 * 1024
 
     @property
+    def usable_bytes(self) -> int:
+        """What a training process may use: all of it (the estimate carries the context)."""
+        return self.total_bytes
+
+    @property
     def is_gpu(self) -> bool:
         return self.name != "cpu"
 
@@ -48,8 +55,8 @@ BUILTIN_PROFILES: dict[str, GpuProfile] = {
     p.name: p
     for p in [
         _p("T4", 15360, "7.5", "T4"),
-        _p("V100-16G", 16384, "7.0", "V100"),
-        _p("V100-32G", 32768, "7.0", "V100"),
+        _p("V100-16G", 16160, "7.0", "V100"),
+        _p("V100-32G", 32510, "7.0", "V100"),
         _p("A10G", 23028, "8.6", "A10G"),
         _p("L4", 23034, "8.9", "L4"),
         _p("RTX-A4000", 16376, "8.6", "RTX-A4000"),
@@ -93,3 +100,64 @@ def resolve_compute_dtype(requested: str, profile: GpuProfile | None) -> str:
     if profile is None or profile.bf16:
         return "bfloat16"
     return "float16"
+
+
+def capability_problems(
+    profile: GpuProfile | None, compute_dtype: str, attn_implementation: str
+) -> list[str]:
+    """What the card cannot do that the cell asks for (`compute_dtype` as requested)."""
+    if profile is None:
+        return []
+    out: list[str] = []
+    if compute_dtype == "bfloat16" and not profile.bf16:
+        out.append(problem("quant.compute_dtype", "bfloat16",
+                           f"needs a GPU with bf16 (compute capability >= 8.0), and {profile.name} "
+                           f"has {profile.compute_capability}", "use float16 or auto"))
+    if attn_implementation == "flash_attention_2" and not profile.flash_attention:
+        out.append(problem("model.attn_implementation", "flash_attention_2",
+                           f"needs an Ampere or newer GPU, and {profile.name} has compute capability "
+                           f"{profile.compute_capability}", "use sdpa"))
+    return out
+
+
+# The seed study's per-GPU starting points: rank / alpha / micro-batch / adapted modules
+# grow with the card. A spec references them with `preset: seed-per-gpu`.
+_ATTENTION = ["q_proj", "k_proj", "v_proj", "o_proj"]
+_ATTENTION_MLP = [*_ATTENTION, "gate_proj", "up_proj", "down_proj"]
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "seed-per-gpu": {
+        "T4": {"lora.r": 8, "lora.alpha": 16, "train.batch_size": 1, "lora.target_modules": _ATTENTION},
+        "L4": {"lora.r": 16, "lora.alpha": 32, "train.batch_size": 2, "lora.target_modules": _ATTENTION},
+        "A100-40G": {"lora.r": 32, "lora.alpha": 64, "train.batch_size": 4,
+                     "lora.target_modules": _ATTENTION_MLP},
+        "A100-80G": {"lora.r": 32, "lora.alpha": 64, "train.batch_size": 4,
+                     "lora.target_modules": _ATTENTION_MLP},
+        "H100": {"lora.r": 64, "lora.alpha": 128, "train.batch_size": 8, "lora.target_modules": "all-linear"},
+    },
+}
+
+
+def preset_overrides(
+    preset: Any, gpu: str | None, extra: dict[str, GpuProfile] | None = None
+) -> dict[str, Any]:
+    """The dotted overrides `preset` gives a cell on `gpu` ({} without a preset).
+
+    Aliases resolve first, so `gpu: A100` gets the A100-40G entry.
+    """
+    if preset is None:
+        return {}
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise ConfigError([problem("preset", preset, "is not a known preset",
+                                   f"use one of {', '.join(PRESETS)}")])
+    table = PRESETS[preset]
+    if gpu is None:
+        raise ConfigError([problem("gpu", None, f"must be set when `preset: {preset}` is used",
+                                   f"give each cell one of {', '.join(table)}")])
+    try:
+        name = get_profile(gpu, extra).name
+    except ConfigError:
+        name = gpu  # the unknown gpu is reported by the grid's own check
+    if name not in table:
+        raise ConfigError([problem("gpu", gpu, f"has no entry in preset {preset}",
+                                   f"use one of {', '.join(table)}, or drop the preset")])
+    return {k: list(v) if isinstance(v, list) else v for k, v in table[name].items()}
