@@ -1,0 +1,142 @@
+"""GPU profiles: capability rules per card, Ray labels, aliases, spec overrides, presets."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_ray.config import ConfigError
+from qlora_ray.grid import expand
+from qlora_ray.profiles import (
+    ALIASES,
+    BUILTIN_PROFILES,
+    PRESETS,
+    capability_problems,
+    get_profile,
+    preset_overrides,
+    resolve_compute_dtype,
+)
+
+# What NVML calls each card (the string Ray parses), and the card's nvidia-smi total.
+DEVICE_NAMES = {
+    "T4": "Tesla T4",
+    "V100-16G": "Tesla V100-SXM2-16GB",
+    "V100-32G": "Tesla V100-SXM2-32GB",
+    "A10G": "NVIDIA A10G",
+    "L4": "NVIDIA L4",
+    "RTX-A4000": "NVIDIA RTX A4000",
+    "RTX-A5000": "NVIDIA RTX A5000",
+    "RTX-A6000": "NVIDIA RTX A6000",
+    "L40S": "NVIDIA L40S",
+    "A100-40G": "NVIDIA A100-SXM4-40GB",
+    "A100-80G": "NVIDIA A100-SXM4-80GB",
+    "H100": "NVIDIA H100 80GB HBM3",
+    "H200": "NVIDIA H200",
+}
+GPUS = sorted(DEVICE_NAMES)
+NO_BF16 = {"T4", "V100-16G", "V100-32G"}
+
+
+def test_every_issue_card_is_built_in() -> None:
+    assert set(BUILTIN_PROFILES) == {*DEVICE_NAMES, "cpu"}
+
+
+@pytest.mark.parametrize("name", GPUS)
+def test_capabilities_follow_compute_capability(name: str) -> None:
+    p = get_profile(name)
+    ampere = int(p.compute_capability.split(".")[0]) >= 8
+    assert p.bf16 is ampere and p.flash_attention is ampere
+    assert p.bf16 is (name not in NO_BF16)
+    assert p.is_gpu and p.usable_bytes == p.total_bytes >= 15 * 2**30
+
+
+@pytest.mark.parametrize("name", GPUS)
+def test_bf16_and_flash_attention_rules(name: str) -> None:
+    p = get_profile(name)
+    bf16 = capability_problems(p, "bfloat16", "sdpa")
+    fa2 = capability_problems(p, "float16", "flash_attention_2")
+    if name in NO_BF16:
+        assert len(bf16) == 1 and name in bf16[0] and "quant.compute_dtype" in bf16[0]
+        assert len(fa2) == 1 and "model.attn_implementation" in fa2[0]
+        assert resolve_compute_dtype("auto", p) == "float16"
+    else:
+        assert bf16 == [] and fa2 == []
+        assert resolve_compute_dtype("auto", p) == "bfloat16"
+    # auto is never a problem, and explicit values are kept as asked.
+    assert capability_problems(p, "auto", "sdpa") == []
+    assert resolve_compute_dtype("float16", p) == "float16"
+
+
+def test_cpu_profile_has_no_memory_limit_and_takes_bf16() -> None:
+    cpu = get_profile("cpu")
+    assert not cpu.is_gpu and cpu.ray_accelerator_type is None
+    assert resolve_compute_dtype("auto", cpu) == "bfloat16"
+    assert capability_problems(None, "bfloat16", "flash_attention_2") == []
+
+
+@pytest.mark.parametrize("name", GPUS)
+def test_ray_label_is_what_ray_detects_on_that_card(name: str) -> None:
+    from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
+
+    detected = NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type(DEVICE_NAMES[name])
+    label = get_profile(name).ray_accelerator_type
+    if name.startswith("A100-"):
+        # Ray says `A100` for both sizes; the sized label is a custom node resource.
+        assert detected == "A100" and label == name
+    else:
+        assert label == detected
+
+
+def test_aliases_and_unknown_names() -> None:
+    for alias, target in ALIASES.items():
+        assert get_profile(alias).name == target
+    with pytest.raises(ConfigError, match="is not a known GPU profile"):
+        get_profile("GTX-1080")
+
+
+def test_spec_profiles_add_and_override() -> None:
+    spec = expand({
+        "name": "custom",
+        "base": {"model": "builtin:tiny-llama"},
+        "grid": {"gpu": ["T4", "MyCard"]},
+        "profiles": {"T4": {"total_mib": 8000},
+                     "MyCard": {"total_mib": 12000, "bf16": True, "flash_attention": False}},
+    })
+    assert get_profile("T4", spec.profiles).total_mib == 8000
+    assert get_profile("T4", spec.profiles).bf16 is False  # the rest comes from the built-in
+    assert get_profile("MyCard", spec.profiles).bf16 is True
+
+
+def test_seed_preset_values() -> None:
+    t4 = preset_overrides("seed-per-gpu", "T4")
+    assert t4 == {"lora.r": 8, "lora.alpha": 16, "train.batch_size": 1,
+                  "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+    assert preset_overrides("seed-per-gpu", "L4")["lora.r"] == 16
+    assert preset_overrides("seed-per-gpu", "A100")["train.batch_size"] == 4  # alias -> A100-40G
+    assert "gate_proj" in preset_overrides("seed-per-gpu", "A100-80G")["lora.target_modules"]
+    assert preset_overrides("seed-per-gpu", "H100")["lora.target_modules"] == "all-linear"
+    assert preset_overrides(None, "T4") == {}
+    assert set(PRESETS["seed-per-gpu"]) == {"T4", "L4", "A100-40G", "A100-80G", "H100"}
+
+
+def test_a_spec_references_the_preset_and_axes_still_win() -> None:
+    spec = expand({
+        "name": "preset",
+        "base": {"model": "builtin:tiny-llama", "lora": {"r": 4}},
+        "preset": "seed-per-gpu",
+        "grid": {"gpu": ["T4", "L4", "H100"]},
+        "runs": [{"name": "seed"}, {"name": "wide", "lora.r": 128}],
+    })
+    by_name = {c.name: c for c in spec.cells}
+    assert by_name["seed-T4"].lora.r == 8 and by_name["seed-T4"].train.batch_size == 1
+    assert by_name["seed-L4"].lora.alpha == 32
+    assert by_name["seed-H100"].lora.target_modules == "all-linear"
+    assert by_name["wide-T4"].lora.r == 128 and by_name["wide-T4"].lora.alpha == 16
+
+
+def test_preset_errors_name_the_gpu_and_the_fix() -> None:
+    with pytest.raises(ConfigError) as e:
+        expand({"name": "p", "base": {"model": "builtin:tiny-llama"}, "preset": "seed-per-gpu",
+                "grid": {"gpu": ["A10G"]}})
+    assert "A10G" in str(e.value) and "has no entry in preset" in str(e.value)
+    with pytest.raises(ConfigError, match="is not a known preset"):
+        expand({"name": "p", "base": {"model": "builtin:tiny-llama", "gpu": "T4"}, "preset": "nope"})
