@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 import warnings
 from pathlib import Path
 
@@ -149,3 +150,75 @@ def test_rows_written_by_an_older_version_load_with_new_columns_as_na(tmp_path: 
     df = load(tmp_path / SPEC)
     assert df.loc[0, "lora_r"] == 8 and df.loc[0, "f1"] is pd.NA
     assert df.loc[0, "started_at"] == pd.Timestamp("2025-01-01", tz="UTC")
+
+
+# ---------------------------------------------------------------------------------------
+# docs/analysis.md: its snippets run as written, and DuckDB / Polars read the same files
+
+DOC = Path(__file__).resolve().parent.parent / "docs" / "analysis.md"
+OTHER_ENGINES = ("import duckdb", "import polars")
+
+
+def doc_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+
+
+@pytest.fixture
+def analysis_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """results/rank-vs-gpu in the working directory, as the doc's RESULTS says."""
+    monkeypatch.chdir(tmp_path)
+    spec = Path(write_rows("results", grid_rows()))
+    for r in grid_rows():
+        if r["status"] == "ok":
+            write_samples("results", SPEC, r["experiment_id"], _samples(r["experiment_id"], r["name"]))
+    # what a driver killed mid-write leaves behind: the doc's globs must not pick it up
+    (spec / "runs" / ".tmp-5e1f-0123456789ab.parquet").write_bytes(b"PAR1\x15\x00")
+    return spec
+
+
+def run_doc(blocks: list[str]) -> dict:
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, str(DOC), "exec"), namespace)
+    return namespace
+
+
+def test_analysis_doc_pandas_snippets_answer_the_questions(
+    analysis_results: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ns = run_doc([b for b in doc_blocks() if not any(e in b for e in OTHER_ENGINES)])
+
+    assert set(ns["best"]["name"]) == {"qlora-r16-bs2-T4", "qlora-r8-bs2-L4", "qlora-r8-bs4-A100-40G"}
+    (pair,) = ns["pairs"].to_dict("records")  # only the A100 r8 bs4 cell ran in both 4 and 16 bits
+    assert pair["saved_gib"] == pytest.approx(6.0) and pair["4bit_over_16bit"] == pytest.approx(0.5)
+    cheapest = ns["priced"].sort_values("usd_per_point").iloc[0]
+    assert cheapest["name"] == "qlora-r16-bs2-T4"  # 1:15:53 at $0.35/h for 37.6 points
+    assert len(ns["after"]) == 5 * 3
+    assert "unschedulable" in capsys.readouterr().out
+    # plain pandas skips the dot-file too
+    assert len(pd.read_parquet(analysis_results / "runs")) == 7
+
+
+@pytest.mark.parametrize("engine", ["duckdb", "polars"])
+def test_duckdb_and_polars_read_the_same_rows_as_load(
+    engine: str, analysis_results: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip(engine)
+    blocks = doc_blocks()
+    run_doc([blocks[0], *(b for b in blocks if f"import {engine}" in b)])  # the doc's own snippet runs
+    assert "A100-40G" in capsys.readouterr().out
+
+    pattern = str(analysis_results / "runs" / "[!.]*.parquet")
+    if engine == "duckdb":
+        import duckdb
+
+        other = duckdb.sql(f"SELECT * FROM read_parquet('{pattern}', union_by_name = true)").df()
+    else:
+        import polars as pl
+
+        other = pl.read_parquet(pattern, missing_columns="insert").to_pandas()
+    ours = load(analysis_results)
+    assert sorted(other[JOIN_KEY]) == sorted(ours[JOIN_KEY])
+    assert list(other.columns) == list(ours.columns)
+    assert other["peak_memory_bytes"].sum() == ours["peak_memory_bytes"].sum()
+    assert sorted(other["status"]) == sorted(ours["status"].astype(str))
