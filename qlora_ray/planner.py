@@ -121,7 +121,7 @@ def load_model_config(
 
         path = hf_hub_download(name, "config.json", revision=revision)
     except Exception as e:  # offline, gated, missing: all mean the same to the user
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
         raise ConfigError([problem(
             "model.name", name, f"has no readable config.json ({type(e).__name__}: {first})",
             "planning needs only that file: put it in a folder and set model.name to the folder, "
@@ -191,7 +191,7 @@ def plan_cell(
                          f"{step.train.batch_size} x grad_accum {step.train.grad_accum}")
         else:
             problems.append(f"does not fit: {need} at train.batch_size {bs}; "
-                            + _fit_hint(cfg, arch, profile, budget or limit, est.breakdown))
+                            + _fit_hint(cfg, arch, profile, budget or limit))
     return CellPlan(
         config=cfg, experiment_id=cfg.experiment_id, name=cfg.name, gpu=cfg.gpu, profile=profile,
         batch_size=bs, compute_dtype=compute, predicted_peak_bytes=est.peak_bytes,
@@ -199,14 +199,13 @@ def plan_cell(
     )
 
 
-def _fit_hint(cfg: ExperimentConfig, arch: Architecture, profile: GpuProfile, budget: int,
-              breakdown: dict[str, int]) -> str:
-    if breakdown.get("eval_extra", 0) > 0:
-        return f"the eval pass is the peak: lower eval.batch_size (now {cfg.eval.batch_size})"
+def _fit_hint(cfg: ExperimentConfig, arch: Architecture, profile: GpuProfile, budget: int) -> str:
     n = largest_batch(arch, cfg, profile, budget)
     if n >= 1:
         return (f"use train.batch_size {n} or auto (raise train.grad_accum to keep the effective "
                 "batch), or set train.oom_backoff")
+    if largest_batch(arch, cfg.replace(**{"eval.batch_size": 1}), profile, budget) >= 1:
+        return f"the eval pass is the peak: lower eval.batch_size (now {cfg.eval.batch_size})"
     return ("even batch_size 1 does not fit: use fewer quant.bits, a shorter train.max_seq_len, "
             "train.gradient_checkpointing, or a bigger gpu")
 

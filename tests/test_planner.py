@@ -1,0 +1,233 @@
+"""`qlora-ray plan` and the planning API the run driver uses."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from qlora_ray.cli import main as cli_main
+from qlora_ray.config import ConfigError, ExperimentConfig
+from qlora_ray.grid import expand, load_spec
+from qlora_ray.planner import (
+    AUTO_BATCH_MARGIN,
+    MODEL_CONFIGS_ENV,
+    backoff,
+    load_model_config,
+    plan_spec,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "tests" / "fixtures" / "configs"
+SHIPPED = sorted((ROOT / "experiments").glob("*.yaml"))
+LLAMA31 = "meta-llama/Llama-3.1-8B-Instruct"
+JSON_KEYS = {"experiment_id", "name", "gpu", "predicted_peak_bytes", "fits", "problems", "breakdown",
+             "batch_size", "compute_dtype"}
+
+
+def spec_of(**data: Any) -> Any:
+    return expand({"name": "t", **data})
+
+
+def write_spec(tmp_path: Path, data: dict[str, Any]) -> str:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return str(path)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_every_shipped_spec_plans(path: Path) -> None:
+    spec = load_spec(path)
+    # Hub models are planned from the fixtures (no network at test time): a new shipped spec
+    # with a new model needs its config.json under tests/fixtures/configs/<hub id>/.
+    plans = plan_spec(spec, model_configs=[CONFIGS])
+    assert len(plans) == len(spec.cells)
+    for plan in plans:
+        row = plan.to_json()
+        assert set(row) >= JSON_KEYS
+        assert row["predicted_peak_bytes"] > 0
+        assert sum(row["breakdown"].values()) == row["predicted_peak_bytes"]
+        assert isinstance(row["batch_size"], int) and row["batch_size"] >= 1
+        assert row["compute_dtype"] in ("float16", "bfloat16", "float32")
+        assert plan.experiment_id == plan.config.experiment_id
+        assert plan.fits == (not plan.profile or not plan.profile.is_gpu
+                             or plan.predicted_peak_bytes <= plan.profile.usable_bytes)
+    json.dumps([p.to_json() for p in plans])
+
+
+def test_example_spec_fits_everywhere_and_plan_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["plan", str(ROOT / "experiments" / "example.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "r4-bs2-fp16-T4" in out and "headroom" in out and "30 cells, 30 fit" in out
+
+
+def test_gpu_profiles_spec_answers_for_llama31_offline(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = cli_main(["plan", str(ROOT / "experiments" / "gpu_profiles.yaml"), "--json",
+                   "--model-configs", str(CONFIGS)])
+    rows = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    by_name = {r["name"]: r for r in rows}
+    # An 8B model in 4-bit takes ~8 GiB before any batch: a real, non-trivial prediction.
+    assert all(r["predicted_peak_bytes"] > 8 * 2**30 for r in rows)
+    assert by_name["r8-bs1-autodtype-L4"]["compute_dtype"] == "bfloat16"
+    assert by_name["r8-bs1-fp16-T4"]["compute_dtype"] == "float16"
+    assert by_name["r64-bs4-fp16-T4"]["headroom"] < by_name["r8-bs1-fp16-T4"]["headroom"]
+
+
+def test_bf16_on_t4_fails_naming_the_cells(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spec = write_spec(tmp_path, {
+        "name": "bf16-everywhere",
+        "base": {"model": "builtin:tiny-llama", "quant": {"compute_dtype": "bfloat16"}},
+        "grid": {"lora.r": [4, 8], "gpu": ["T4", "L4"]},
+    })
+    assert cli_main(["plan", spec]) == 1
+    out = capsys.readouterr().out
+    problems = out.split("problems (these cells cannot run as specified):")[1]
+    assert "r4-T4:" in problems and "r8-T4:" in problems and "L4:" not in problems
+    assert "bfloat16" in problems and "use float16 or auto" in problems
+
+    assert cli_main(["plan", spec, "--json"]) == 1
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["r4-T4"]["problems"] and not rows["r4-L4"]["problems"]
+
+    assert cli_main(["plan", spec, "--skip-unfit"]) == 0
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_auto_dtype_resolves_per_card_and_keeps_the_request() -> None:
+    spec = spec_of(base={"model": "builtin:tiny-llama", "quant": {"compute_dtype": "auto"}},
+                   grid={"gpu": ["T4", "V100", "A10G", "H100", "cpu"]})
+    got = {p.gpu: (p.compute_dtype, p.to_json()["compute_dtype_requested"], p.problems)
+           for p in plan_spec(spec)}
+    assert got == {"T4": ("float16", "auto", []), "V100": ("float16", "auto", []),
+                   "A10G": ("bfloat16", "auto", []), "H100": ("bfloat16", "auto", []),
+                   "cpu": ("bfloat16", "auto", [])}
+
+
+def test_auto_batch_is_the_largest_that_fits_with_margin() -> None:
+    spec = spec_of(base={"model": LLAMA31, "train": {"batch_size": "auto", "max_seq_len": 512},
+                         "eval": {"batch_size": 1}, "quant": {"compute_dtype": "auto"}},
+                   grid={"gpu": ["T4", "L4", "A100-80G"]})
+    plans = {p.gpu: p for p in plan_spec(spec, model_configs=[CONFIGS])}
+    assert 1 <= plans["T4"].batch_size < plans["L4"].batch_size < plans["A100-80G"].batch_size
+    for p in plans.values():
+        assert p.config.train.batch_size == "auto"  # the plan keeps the spec'd config
+        assert p.fits and not p.problems
+        assert p.predicted_peak_bytes <= p.profile.usable_bytes * (1 - AUTO_BATCH_MARGIN)
+        one_more = plan_spec(expand({"name": "t", "base": {
+            "model": LLAMA31, "gpu": p.gpu, "train": {"batch_size": p.batch_size + 1, "max_seq_len": 512},
+            "eval": {"batch_size": 1}, "quant": {"compute_dtype": "auto"}}}), model_configs=[CONFIGS])[0]
+        assert one_more.predicted_peak_bytes > p.profile.usable_bytes * (1 - AUTO_BATCH_MARGIN)
+
+
+def test_a_cell_that_does_not_fit_says_what_would(tmp_path: Path) -> None:
+    base = {"model": LLAMA31, "gpu": "T4", "train": {"batch_size": 16, "max_seq_len": 1024},
+            "eval": {"batch_size": 1}, "quant": {"compute_dtype": "float16"}}
+    (plan,) = plan_spec(spec_of(base=base), model_configs=[CONFIGS])
+    assert not plan.fits and plan.headroom < 0
+    (msg,) = plan.problems
+    assert "does not fit" in msg and "T4" in msg and "train.batch_size" in msg
+    # With the opt-in back-off the run can still go ahead: a note, not a problem.
+    base["train"]["oom_backoff"] = True
+    (plan,) = plan_spec(spec_of(base=base), model_configs=[CONFIGS])
+    assert not plan.fits and plan.problems == [] and "oom_backoff" in plan.notes[0]
+
+
+def test_65b_does_not_fit_a_t4_at_any_batch() -> None:
+    spec = spec_of(base={"model": "huggyllama/llama-65b", "gpu": "T4", "train": {"batch_size": "auto"},
+                         "quant": {"compute_dtype": "auto"}})
+    (plan,) = plan_spec(spec, model_configs=[CONFIGS])
+    assert plan.batch_size == 1 and not plan.fits
+    assert "even batch_size 1 does not fit" in plan.problems[0]
+
+
+@pytest.mark.parametrize(("bs", "ga", "want"), [
+    (8, 1, (4, 2)), (4, 3, (2, 6)), (6, 1, (3, 2)), (9, 2, (3, 6)), (3, 1, (1, 3)), (2, 5, (1, 10)),
+])
+def test_backoff_keeps_the_effective_batch(bs: int, ga: int, want: tuple[int, int]) -> None:
+    cfg = ExperimentConfig().replace(**{"train.batch_size": bs, "train.grad_accum": ga})
+    smaller = backoff(cfg)
+    assert smaller is not None
+    assert (smaller.train.batch_size, smaller.train.grad_accum) == want
+    assert smaller.train.effective_batch == cfg.train.effective_batch
+
+
+def test_backoff_chain_ends_at_batch_1() -> None:
+    cfg: ExperimentConfig | None = ExperimentConfig().replace(**{"train.batch_size": 8})
+    seen = []
+    while cfg is not None:
+        seen.append((cfg.train.batch_size, cfg.train.grad_accum))
+        cfg = backoff(cfg)
+    assert seen == [(8, 1), (4, 2), (2, 4), (1, 8)]
+    with pytest.raises(ValueError, match="auto"):
+        backoff(ExperimentConfig().replace(**{"train.batch_size": "auto"}))
+
+
+def test_model_config_from_a_folder_holding_only_config_json(tmp_path: Path) -> None:
+    folder = tmp_path / "my-model"
+    folder.mkdir()
+    (folder / "config.json").write_text((CONFIGS / LLAMA31 / "config.json").read_text())
+    assert load_model_config(str(folder))["vocab_size"] == 128256
+    assert load_model_config(str(folder / "config.json"))["vocab_size"] == 128256
+    # ... and a whole spec planned against that folder.
+    (plan,) = plan_spec(spec_of(base={"model": str(folder), "gpu": "L4"}))
+    assert plan.fits and plan.predicted_peak_bytes > 8 * 2**30
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match=r"without config\.json"):
+        load_model_config(str(tmp_path / "empty"))
+
+
+def test_model_config_lookup_folders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_model_config(LLAMA31, search=[CONFIGS])["num_key_value_heads"] == 8
+    flat = tmp_path / "meta-llama--Llama-2-7b-hf"
+    flat.mkdir()
+    (flat / "config.json").write_text((CONFIGS / "meta-llama/Llama-2-7b-hf/config.json").read_text())
+    monkeypatch.setenv(MODEL_CONFIGS_ENV, os.pathsep.join([str(tmp_path / "nothing"), str(tmp_path)]))
+    assert load_model_config("meta-llama/Llama-2-7b-hf")["intermediate_size"] == 11008
+
+
+def test_builtin_model_config() -> None:
+    cfg = load_model_config("builtin:tiny-llama")
+    assert cfg["model_type"] == "llama" and cfg["vocab_size"] > 0
+
+
+def test_hub_model_offline_fails_with_a_clear_message(tmp_path: Path) -> None:
+    spec = write_spec(tmp_path, {"name": "offline", "base": {"model": "some-org/not-here-7b", "gpu": "L4"}})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    env.pop(MODEL_CONFIGS_ENV, None)
+    proc = subprocess.run([sys.executable, "-m", "qlora_ray.cli", "plan", spec], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "some-org/not-here-7b" in proc.stderr
+    assert "config.json" in proc.stderr and "--model-configs" in proc.stderr
+
+
+PROBE = """
+import io, json, sys
+from contextlib import redirect_stdout
+from qlora_ray.cli import main
+buf = io.StringIO()
+with redirect_stdout(buf):
+    rc = main(sys.argv[1:])
+rows = json.loads(buf.getvalue())
+heavy = sorted(m for m in ("torch", "ray", "transformers", "bitsandbytes", "peft") if m in sys.modules)
+print(json.dumps({"rc": rc, "cells": len(rows), "heavy": heavy}))
+"""
+
+
+@pytest.mark.parametrize("args", [
+    ["experiments/example.yaml"],
+    ["experiments/gpu_profiles.yaml", "--model-configs", "tests/fixtures/configs"],
+])
+def test_plan_imports_neither_torch_nor_ray(args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-c", PROBE, "plan", *args, "--json"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["rc"] == 0 and got["cells"] == 30 and got["heavy"] == []
