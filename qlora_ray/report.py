@@ -107,7 +107,17 @@ def main(args: argparse.Namespace) -> int:
     plots = draw_plots(report)
     render = {"markdown": render_markdown, "csv": render_csv, "html": render_html}[args.format]
     print(render(report, plots))
-    written = write_report(report, plots, args.out or report.folder)
+    if args.format != "markdown":
+        # CSV and HTML on stdout carry no notes; a skipped file must still be seen.
+        for message in report.skipped:
+            print(f"qlora-ray report: {message}", file=sys.stderr)
+    out = args.out or report.folder
+    try:
+        written = write_report(report, plots, out)
+    except OSError as e:
+        print(f"qlora-ray report: could not write the report files to {out} ({e}); "
+              "choose another folder with --out DIR", file=sys.stderr)
+        return 1
     print(f"wrote {', '.join(written)}", file=sys.stderr)
     return 0
 
@@ -124,6 +134,7 @@ class Report:
     baseline: dict[str, Any] | None
     notes: list[str] = field(default_factory=list)
     total_rows: int = 0  # before --where
+    skipped: list[str] = field(default_factory=list)  # unreadable files in the results folder
 
 
 def build_report(
@@ -155,7 +166,7 @@ def build_report(
         df = _sorted(df, _parse_sort(sort, df))
     spec_names = df["spec_name"].dropna()
     title = str(spec_names.mode().iloc[0]) if len(spec_names) else folder.rstrip("/").rsplit("/", 1)[-1]
-    report = Report(title, folder, df.reset_index(drop=True), base, total_rows=total)
+    report = Report(title, folder, df.reset_index(drop=True), base, total_rows=total, skipped=notes)
     report.notes = explain(report, where) + notes
     return report
 
@@ -513,6 +524,7 @@ table { border-collapse: collapse; font-size: 13px; }
 th, td { border: 1px solid #ccc; padding: 3px 7px; vertical-align: top; }
 th { background: #f3f3f3; }
 td.num { text-align: right; white-space: nowrap; font-variant-numeric: tabular-nums; }
+td:nth-child(-n+3) { white-space: nowrap; }
 td.status-oom, td.status-failed, td.status-unschedulable { background: #fde8e8; }
 td.status-skipped { background: #f4f4f4; }
 figure { margin: 2em 0; } img { max-width: 100%; }

@@ -303,6 +303,19 @@ def test_a_corrupt_file_is_named_in_the_report_and_the_rest_is_reported(
     code, out, _ = run_report(capsys, str(spec_dir))
     assert code == 0 and len(parse_markdown(out)) == 7
     assert "half-copied.parquet" in out and "notes.parquet" in out
+    assert "half-copied.parquet" in (spec_dir / "report.html").read_text()
+    # CSV on stdout stays parseable; the skipped file is named on stderr instead
+    code, out, err = run_report(capsys, str(spec_dir), "--format", "csv")
+    assert code == 0 and len(pd.read_csv(StringIO(out))) == 7 and "half-copied.parquet" in err
+
+
+def test_an_unwritable_output_folder_is_reported_after_the_table(
+    spec_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, out, err = run_report(capsys, str(spec_dir), "--out", str(blocker / "report"))
+    assert code == 1 and len(parse_markdown(out)) == 7 and "--out DIR" in err
 
 
 def test_importing_the_report_module_stays_light() -> None:
