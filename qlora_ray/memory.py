@@ -229,12 +229,17 @@ def largest_batch(
     budget_bytes: int,
     *,
     limit: int = 1024,
+    eval_batch_size: int | None = None,
     recipe: Recipe = DEFAULT_RECIPE,
 ) -> int:
-    """The largest micro-batch whose predicted peak is within `budget_bytes`; 0 if none."""
+    """The largest micro-batch whose predicted peak is within `budget_bytes`; 0 if none.
+
+    `eval_batch_size` overrides `cfg.eval.batch_size` (to ask "would a smaller one do?").
+    """
     arch = model_config if isinstance(model_config, Architecture) else architecture(
         model_config, cfg.model.name)
-    static, per_sample, fixed_dynamic, eval_dynamic, _ = _terms(arch, cfg, profile, recipe)
+    static, per_sample, fixed_dynamic, eval_dynamic, _ = _terms(
+        arch, cfg, profile, recipe, eval_batch_size)
     # Peak is static + max(train(b), eval) with train linear in b: solve, then check.
     room = budget_bytes - sum(static.values())
     fixed, per = sum(fixed_dynamic.values()), sum(per_sample.values())
@@ -247,7 +252,8 @@ def largest_batch(
 
 
 def _terms(
-    arch: Architecture, cfg: ExperimentConfig, profile: GpuProfile | None, recipe: Recipe
+    arch: Architecture, cfg: ExperimentConfig, profile: GpuProfile | None, recipe: Recipe,
+    eval_batch_size: int | None = None,
 ) -> tuple[dict[str, int], dict[str, int], dict[str, int], int, list[str]]:
     """Static bytes by part, per-sample training bytes by part, batch-independent dynamic
     bytes by part, and the eval pass's dynamic bytes."""
@@ -334,7 +340,8 @@ def _terms(
     eval_dynamic = 0
     if recipe.count_eval:
         per_eval_token = arch.vocab * (cb + 4 + 4) + (arch.layers + 1) * h * ab + layer_bytes
-        eval_dynamic = cfg.eval.batch_size * s * per_eval_token + fixed_dynamic["lm_head_copy"]
+        eval_rows = cfg.eval.batch_size if eval_batch_size is None else eval_batch_size
+        eval_dynamic = eval_rows * s * per_eval_token + fixed_dynamic["lm_head_copy"]
     return static, per_sample, fixed_dynamic, eval_dynamic, problems
 
 

@@ -188,7 +188,7 @@ def plan_cell(
         step = _backoff_until_fits(cfg, arch, profile, bs, limit) if cfg.train.oom_backoff else None
         if step is not None:
             notes.append(f"{need} at batch_size {bs}; train.oom_backoff will retry at batch_size "
-                         f"{step.train.batch_size} x grad_accum {step.train.grad_accum}")
+                         f"{step[0]} x grad_accum {step[1]}")
         else:
             problems.append(f"does not fit: {need} at train.batch_size {bs}; "
                             + _fit_hint(cfg, arch, profile, budget or limit))
@@ -204,20 +204,27 @@ def _fit_hint(cfg: ExperimentConfig, arch: Architecture, profile: GpuProfile, bu
     if n >= 1:
         return (f"use train.batch_size {n} or auto (raise train.grad_accum to keep the effective "
                 "batch), or set train.oom_backoff")
-    if largest_batch(arch, cfg.replace(**{"eval.batch_size": 1}), profile, budget) >= 1:
+    if largest_batch(arch, cfg, profile, budget, eval_batch_size=1) >= 1:
         return f"the eval pass is the peak: lower eval.batch_size (now {cfg.eval.batch_size})"
     return ("even batch_size 1 does not fit: use fewer quant.bits, a shorter train.max_seq_len, "
             "train.gradient_checkpointing, or a bigger gpu")
 
 
 def _backoff_until_fits(cfg: ExperimentConfig, arch: Architecture, profile: GpuProfile, bs: int,
-                        limit: int) -> ExperimentConfig | None:
-    step: ExperimentConfig | None = cfg.replace(**{"train.batch_size": bs})
-    while step is not None:
-        step = backoff(step)
-        if step is not None and estimate(arch, step, profile).peak_bytes <= limit:
+                        limit: int) -> tuple[int, int] | None:
+    """(batch_size, grad_accum) the run's OOM back-off would settle on, if any fits."""
+    step: tuple[int, int] | None = (bs, cfg.train.grad_accum)
+    while (step := _backoff_step(*step)) is not None:
+        if estimate(arch, cfg, profile, batch_size=step[0]).peak_bytes <= limit:
             return step
     return None
+
+
+def _backoff_step(bs: int, grad_accum: int) -> tuple[int, int] | None:
+    if bs <= 1:
+        return None
+    factor = next(p for p in range(2, bs + 1) if bs % p == 0)
+    return bs // factor, grad_accum * factor
 
 
 def backoff(cfg: ExperimentConfig) -> ExperimentConfig | None:
@@ -231,11 +238,10 @@ def backoff(cfg: ExperimentConfig) -> ExperimentConfig | None:
     bs = cfg.train.batch_size
     if not isinstance(bs, int):
         raise ValueError("backoff needs a resolved train.batch_size, got `auto`")
-    if bs <= 1:
+    step = _backoff_step(bs, cfg.train.grad_accum)
+    if step is None:
         return None
-    factor = next(p for p in range(2, bs + 1) if bs % p == 0)
-    return cfg.replace(**{"train.batch_size": bs // factor,
-                          "train.grad_accum": cfg.train.grad_accum * factor})
+    return cfg.replace(**{"train.batch_size": step[0], "train.grad_accum": step[1]})
 
 
 # ---------------------------------------------------------------------------------------
