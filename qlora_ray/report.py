@@ -331,6 +331,9 @@ def explain(report: Report, where: str | None) -> list[str]:
         notes.append(f"Peak GiB: measured peak memory ({shown}). "
                      "Predicted: the planner's estimate before the run, with its error "
                      "(predicted - measured) / measured.")
+    if "cpu_rss" in sources:
+        notes.append("cpu_rss is the whole process's resident memory (Python, torch, data), which the "
+                     "planner's GPU-memory prediction does not model: expect a negative error on CPU.")
     notes.append("Similarity: 1 - cosine similarity of generated and reference answers, before -> "
                  "after training; lower is better. Pareto: on the front of training time against "
                  "similarity among the ok rows shown.")
@@ -660,7 +663,7 @@ def plot_memory(df: pd.DataFrame) -> Figure | None:
         ax.set_xticks(ranks, [str(r) for r in ranks])
         ax.minorticks_off()
         ax.set_ylim(0, max([capacity or 0, *on["peak_gib"].astype(float), 1]) * 1.15)
-        ax.set_title(gpu)
+        ax.set_title(gpu if capacity else f"{gpu} (no card capacity)")
         ax.set_xlabel("LoRA rank")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("peak memory (GiB)")
