@@ -7,9 +7,10 @@ so the whole of it is `usable_bytes`.
 `ray_accelerator_type` is the label Ray auto-detects from the device name (see
 `ray/_private/accelerators/nvidia_gpu.py`): a node with that card advertises the resource
 `accelerator_type:<label>`. Ray cannot tell an A100 40 GB from an 80 GB one (both are
-`A100`), so the sized profiles use their own labels, `A100-40G` / `A100-80G`, which a
-node only has when it is started with `--resources='{"accelerator_type:A100-40G": 1}'`
-(the shipped `ray_cluster.yaml` does this for its A100 node types).
+`A100`), so the sized profiles use their own labels, `A100-40G` / `A100-80G` (and
+`V100-32G`), which a node only has when it is started with
+`--resources='{"accelerator_type:A100-40G": 1}'` (the shipped `ray_cluster.yaml` does this
+for its A100 node types).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ BUILTIN_PROFILES: dict[str, GpuProfile] = {
     for p in [
         _p("T4", 15360, "7.5", "T4"),
         _p("V100-16G", 16160, "7.0", "V100"),
-        _p("V100-32G", 32510, "7.0", "V100"),
+        # A 32 GB cell must not land on a 16 GB V100 (both are `V100` to Ray): sized label.
+        _p("V100-32G", 32510, "7.0", "V100-32G"),
         _p("A10G", 23028, "8.6", "A10G"),
         _p("L4", 23034, "8.9", "L4"),
         _p("RTX-A4000", 16376, "8.6", "RTX-A4000"),
