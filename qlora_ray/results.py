@@ -6,9 +6,10 @@ Layout (the contract):
     RESULTS/<spec name>/samples/<experiment_id>.parquet   per-sample generations
 
 `RESULTS` is a local path or any pyarrow filesystem URI (`file://`, `s3://`, `gs://`).
-Files are written under a dot-prefixed temporary name and then renamed, so a reader
-(pyarrow, pandas, DuckDB, Polars all skip dot-files in a dataset folder) never sees a
-half-written file, and a driver killed mid-write leaves only a dot-file behind.
+Files are written to `RESULTS/<spec name>/.staging/` and then renamed into place, so
+`runs/` and `samples/` only ever hold whole files: pandas, DuckDB and Polars can glob
+`runs/*.parquet` at any time, and a driver killed mid-write leaves its debris in
+`.staging/`, which no reader looks at.
 
 The explicit schema keeps every file's column types identical, whatever a given run
 filled in, so files from different runs and versions always concatenate.
@@ -185,15 +186,17 @@ def spec_dir(results: str, spec_name: str) -> str:
 
 
 def _write_atomic(fs: pafs.FileSystem, folder: str, filename: str, table: pa.Table) -> str:
+    staging = f"{folder.rsplit('/', 1)[0]}/.staging"
     fs.create_dir(folder, recursive=True)
+    fs.create_dir(staging, recursive=True)
     final = f"{folder}/{filename}"
-    tmp = f"{folder}/.tmp-{uuid.uuid4().hex}-{filename}"
+    tmp = f"{staging}/{uuid.uuid4().hex}-{filename}"
     buf = io.BytesIO()
     pq.write_table(table, buf)
     with fs.open_output_stream(tmp) as out:
         out.write(buf.getvalue())
-    # On a local disk this is an atomic rename(2); on object stores the object appears whole
-    # at the final key in one PUT-equivalent copy, which is what readers need.
+    # On a local disk this is an atomic rename(2) (same filesystem, sibling folder); on
+    # object stores the object appears whole at the final key, which is what readers need.
     fs.move(tmp, final)
     return final
 

@@ -172,7 +172,8 @@ def analysis_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         if r["status"] == "ok":
             write_samples("results", SPEC, r["experiment_id"], _samples(r["experiment_id"], r["name"]))
     # what a driver killed mid-write leaves behind: the doc's globs must not pick it up
-    (spec / "runs" / ".tmp-5e1f-0123456789ab.parquet").write_bytes(b"PAR1\x15\x00")
+    (spec / ".staging").mkdir(exist_ok=True)
+    (spec / ".staging" / "5e1f-0123456789ab.parquet").write_bytes(b"PAR1\x15\x00")
     return spec
 
 
@@ -208,7 +209,7 @@ def test_duckdb_and_polars_read_the_same_rows_as_load(
     run_doc([blocks[0], *(b for b in blocks if f"import {engine}" in b)])  # the doc's own snippet runs
     assert "A100-40G" in capsys.readouterr().out
 
-    pattern = str(analysis_results / "runs" / "[!.]*.parquet")
+    pattern = str(analysis_results / "runs" / "*.parquet")
     if engine == "duckdb":
         import duckdb
 
