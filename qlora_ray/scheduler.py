@@ -59,6 +59,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="record cells the planner says cannot run as `skipped` rows instead of refusing")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="embedded Ray only: CPU slots to offer (default: all cores)")
+    p.add_argument("--model-configs", action="append", default=[], metavar="DIR",
+                   help="folder with <hub id>/config.json files, so planning needs no network "
+                        "(repeatable; also $QLORA_RAY_MODEL_CONFIGS)")
 
 
 @dataclass
@@ -82,6 +85,7 @@ def main(args: argparse.Namespace) -> int:
         retry_failed=args.retry_failed, allow_cpu_fallback=args.allow_cpu_fallback,
         unschedulable_timeout=args.unschedulable_timeout, cpus_per_task=args.cpus_per_task,
         max_retries=args.max_retries, skip_unfit=args.skip_unfit, num_cpus=args.num_cpus,
+        model_configs=args.model_configs,
     )
 
 
@@ -98,6 +102,7 @@ def run_spec(
     max_retries: int = 2,
     skip_unfit: bool = False,
     num_cpus: int | None = None,
+    model_configs: list[str] | None = None,
     out: Any = None,
 ) -> int:
     """Run a spec; returns the exit code (0 when every cell has an `ok` row)."""
@@ -107,7 +112,7 @@ def run_spec(
     # Plan first: cells that cannot run as specified stop the run before Ray starts.
     from qlora_ray.planner import plan_spec
 
-    plans = plan_spec(spec)
+    plans = plan_spec(spec, model_configs=model_configs or ())
     unfit = [p for p in plans if p.problems]
     if unfit and not skip_unfit:
         print(f"qlora-ray run: {len(unfit)} cell(s) cannot run as specified "
