@@ -95,6 +95,7 @@ def generate(
         num_beams=1,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
     )
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # decoder-only models continue from the right edge
@@ -105,7 +106,7 @@ def generate(
             batch = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True,
                               add_special_tokens=False).to(device)
             with torch.no_grad():
-                ids = model.generate(**batch, generation_config=gen_config, use_cache=True)
+                ids = model.generate(**batch, generation_config=gen_config)
             new = ids[:, batch["input_ids"].shape[1] :]
             out.extend(t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True))
     finally:

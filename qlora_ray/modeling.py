@@ -10,13 +10,19 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from peft import LoraConfig as PeftLoraConfig
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+# On AVX512-bf16 CPUs bitsandbytes tries, at import, to fetch an optional kernel from the
+# Hugging Face hub and warns in every worker when it cannot; the built-in CPU kernel it
+# falls back to is the one we want (nothing is downloaded at run time). Set before peft
+# imports bitsandbytes.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-from qlora_ray.config import BUILTIN_PREFIX, ExperimentConfig
-from qlora_ray.device import Device, check_attention
+import torch  # noqa: E402
+from peft import LoraConfig as PeftLoraConfig  # noqa: E402
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
+
+from qlora_ray.config import BUILTIN_PREFIX, ExperimentConfig  # noqa: E402
+from qlora_ray.device import Device, check_attention  # noqa: E402
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-from transformers import Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainingArguments
 
 from qlora_ray.config import ExperimentConfig
 from qlora_ray.device import Device
@@ -99,7 +99,7 @@ def make_trainer(
         remove_unused_columns=False,
         include_num_input_tokens_seen="non_padding",
     )
-    return Trainer(
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=train_dataset,
@@ -107,6 +107,10 @@ def make_trainer(
         data_collator=collator,
         processing_class=tokenizer,
     )
+    # With tqdm off the Trainer prints every log dict to stdout; in a grid that is one
+    # interleaved line per step per worker in the driver's output. The row keeps the numbers.
+    trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def train(trainer: Trainer) -> TrainResult:
