@@ -1,0 +1,151 @@
+"""The driver on a real local Ray cluster with logical GPUs: scheduling, failures, resume, jobs.
+
+One cluster for the module: a head node offering 2 logical GPUs tagged T4 and a second
+node offering 1 GPU tagged L4. No CUDA exists here, so GPU cells run with
+--allow-cpu-fallback, which is exactly what a logical-GPU node is for.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from ray_cluster import BIN, LocalCluster
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+# A cell that trains for two steps: enough to exercise every phase in a few seconds.
+FAST_BASE = {
+    "model": "builtin:tiny-llama",
+    "dataset": {"path": str(ROOT / "experiments/data/fin_sentiment.jsonl"), "eval_size": 8},
+    "quant": {"compute_dtype": "float32"},
+    "train": {"max_steps": 2, "batch_size": 2, "optim": "adamw_torch", "gradient_checkpointing": False},
+    "eval": {"max_new_tokens": 2, "before": False, "max_samples": 4},
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = LocalCluster(tmp_path_factory.mktemp("ray"))
+    try:
+        c.start(num_cpus=2, num_gpus=2, resources={"accelerator_type:T4": 2}, dashboard=True)
+        c.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:L4": 1})
+        yield c
+    finally:
+        c.stop()
+
+
+def write_spec(path: Path, name: str, **sections) -> Path:
+    spec = {"name": name, "base": FAST_BASE, **sections}
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def read_runs(results: Path, name: str) -> pd.DataFrame:
+    return pd.read_parquet(results / name / "runs")
+
+
+def test_gpu_cells_one_gpu_each_fresh_process_right_node_and_unschedulable(cluster, tmp_path):
+    spec = write_spec(tmp_path / "gpus.yaml", "gpus", grid={"gpu": ["T4", "L4", "H100"], "lora.r": [4, 8]})
+    results = tmp_path / "results"
+    started = time.monotonic()
+    proc = cluster.qlora_ray("run", str(spec), "--results", str(results), "--address", cluster.address,
+                             "--allow-cpu-fallback", "--unschedulable-timeout", "5")
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the H100 cells are not ok
+
+    df = read_runs(results, "gpus")
+    assert len(df) == 6 and df["experiment_id"].is_unique
+    by_gpu = df.groupby("gpu")["status"].apply(set).to_dict()
+    assert by_gpu == {"T4": {"ok"}, "L4": {"ok"}, "H100": {"unschedulable"}}
+    h100 = df[df.gpu == "H100"]
+    assert h100["error"].str.contains("no node offers").all()
+    assert h100["error"].str.contains("accelerator_type:H100").all()
+    assert elapsed < 300  # bounded: the missing card did not hang the grid
+
+    ok = df[df.status == "ok"]
+    # each task saw exactly one GPU id, ran on the CPU because the GPUs are logical, and
+    # was a fresh process
+    assert ok["cuda_visible_devices"].isin(["0", "1"]).all(), ok["cuda_visible_devices"].tolist()
+    assert ok["cpu_fallback"].all()
+    assert ok["worker_pid"].is_unique
+    # T4 cells all ran on the T4 node, L4 cells on the other one
+    t4_nodes, l4_nodes = set(ok[ok.gpu == "T4"].ray_node_id), set(ok[ok.gpu == "L4"].ray_node_id)
+    assert len(t4_nodes) == 1 and len(l4_nodes) == 1 and t4_nodes != l4_nodes
+    # the two T4 cells ran at the same time, on different GPUs
+    a, b = ok[ok.gpu == "T4"].sort_values("started_at").itertuples()
+    assert a.finished_at > b.started_at, "expected the two T4 cells to overlap (2 T4 GPUs, 2 CPUs)"
+    assert a.cuda_visible_devices != b.cuda_visible_devices
+
+    assert "T4-r4" in proc.stdout and "unschedulable" in proc.stdout  # the summary table
+
+
+def test_gpu_cell_without_cuda_is_a_failed_row_by_default(cluster, tmp_path):
+    spec = write_spec(tmp_path / "nofallback.yaml", "nofallback", grid={"gpu": ["T4"]})
+    results = tmp_path / "results"
+    proc = cluster.qlora_ray("run", str(spec), "--results", str(results), "--address", cluster.address)
+    assert proc.returncode == 1
+    row = read_runs(results, "nofallback").iloc[0]
+    assert row.status == "failed" and row.error_phase == "setup"
+    assert "torch sees no CUDA device" in row.error and "--allow-cpu-fallback" in row.error
+
+
+def test_killed_driver_then_rerun_gives_one_row_per_experiment(cluster, tmp_path):
+    spec = write_spec(tmp_path / "resume.yaml", "resume", grid={"lora.r": [2, 4, 8, 16]})
+    results = tmp_path / "results"
+    runs = results / "resume" / "runs"
+    args = [str(BIN / "qlora-ray"), "run", str(spec), "--results", str(results),
+            "--address", cluster.address, "--max-parallel", "1"]
+    driver = subprocess.Popen(args, env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and len(list(runs.glob("*.parquet"))) < 1:
+            time.sleep(0.2)
+        assert list(runs.glob("*.parquet")), "no row appeared before the deadline"
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    first = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.parquet")}
+    assert 1 <= len(first) < 4
+
+    proc = cluster.qlora_ray("run", str(spec), "--results", str(results), "--address", cluster.address)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    df = read_runs(results, "resume")
+    assert len(df) == 4 and df["experiment_id"].is_unique and (df.status == "ok").all()
+    # finished experiments were not run again: same files, first attempt
+    assert all(runs.joinpath(name).stat().st_mtime_ns == mtime for name, mtime in first.items())
+    assert (df.attempt == 1).all()
+    assert f"{len(first)} already have a row" in proc.stdout
+
+    # and a third run does nothing at all
+    again = cluster.qlora_ray("run", str(spec), "--results", str(results), "--address", cluster.address)
+    assert again.returncode == 0 and "0 to run" in again.stdout
+
+
+def test_ray_job_submit_runs_the_quickstart(cluster, tmp_path):
+    results = tmp_path / "job-results"
+    proc = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT),
+         "--", "qlora-ray", "run", "experiments/quickstart.yaml", "--results", str(results)],
+        env=cluster.env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "succeeded" in proc.stdout.lower()
+    spec = yaml.safe_load((ROOT / "experiments/quickstart.yaml").read_text())
+    from qlora_ray.grid import expand
+
+    expected = len(expand(spec).cells)
+    df = pd.read_parquet(results / spec["name"] / "runs")
+    assert len(df) == expected and (df.status == "ok").all()
+    assert str(df["status"].dtype) in ("object", "str", "string")
+    assert df["peak_memory_bytes"].dtype == "int64"
+    assert str(df["started_at"].dtype).startswith("datetime64") and df["started_at"].dt.tz is not None
+    assert df["ray_node_id"].notna().all()
+    assert os.path.isdir(results / spec["name"] / "samples")
