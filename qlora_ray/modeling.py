@@ -88,6 +88,7 @@ def load(cfg: ExperimentConfig, device: Device, compute_dtype: str) -> LoadedMod
         attn_implementation=cfg.model.attn_implementation,
     )
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
+    _keep_4bit_layers_trainable(model)
     if cfg.quant.bits in (4, 8):
         # Casts norms/embeddings to fp32 for stable training and wires up checkpointing
         # (with input grads enabled, which checkpointing a frozen base model needs).
@@ -116,6 +117,22 @@ def load(cfg: ExperimentConfig, device: Device, compute_dtype: str) -> LoadedMod
     # PEFT counts a packed 4-bit weight (two values per byte) as the weights it stands for.
     trainable, total = peft_model.get_nb_trainable_parameters()
     return LoadedModel(peft_model, tokenizer, path, int(trainable), int(total))
+
+
+def _keep_4bit_layers_trainable(model: Any) -> None:
+    """Stop bitsandbytes repacking 4-bit weights for CPU inference during our eval passes.
+
+    On CPUs with AVX512-bf16, a Linear4bit that runs in eval mode without grad (our
+    before-training evaluation) permanently converts its weight to a CPU inference layout
+    (dropping double quantization, switching to bf16) and from then on multiplies through a
+    kernel with no autograd support, so training afterwards gets silently wrong gradients
+    through every frozen base layer (torch warns "an autograd kernel was not registered").
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_adapter_for_inference(base_path: str, adapter_dir: str, device_map: Any = "cpu") -> PeftModel:

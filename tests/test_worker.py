@@ -1,0 +1,263 @@
+"""One experiment end to end, in this process, on the CPU, with real bitsandbytes layers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from pathlib import Path
+
+import pytest
+
+from qlora_ray.config import ExperimentConfig, from_dict
+from qlora_ray.results import RUN_COLUMNS, read_run_rows, write_run
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = str(ROOT / "experiments/data/fin_sentiment.jsonl")
+
+
+def fast(**overrides) -> ExperimentConfig:
+    """A cell that runs every phase in seconds: two optimizer steps, four eval rows."""
+    base = {
+        "name": "fast",
+        "dataset": {"path": DATA, "eval_size": 8},
+        "quant": {"compute_dtype": "float32"},
+        "train": {"max_steps": 2, "batch_size": 2, "optim": "adamw_torch", "logging_steps": 1},
+        "eval": {"max_new_tokens": 2, "max_samples": 4, "batch_size": 4},
+    }
+    cfg = from_dict(ExperimentConfig, base)
+    return cfg.replace(**overrides) if overrides else cfg
+
+
+def run(cfg: ExperimentConfig, **kw):
+    from qlora_ray.worker import run_experiment
+
+    return run_experiment(cfg, num_threads=2, **kw)
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def test_4bit_layers_are_bitsandbytes_linear4bit_with_the_requested_quantization():
+    import bitsandbytes as bnb
+
+    from qlora_ray.device import resolve_device
+    from qlora_ray.modeling import load
+
+    class NoCuda:
+        @staticmethod
+        def is_available():
+            return False
+
+    for quant_type, double in (("nf4", True), ("fp4", False)):
+        cfg = fast(**{"quant.type": quant_type, "quant.double_quant": double})
+        loaded = load(cfg, resolve_device(cfg, NoCuda), "float32")
+        layers = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert len(layers) == 2 * 7  # every projection of both decoder layers
+        for layer in layers:
+            state = layer.weight.quant_state
+            assert state.quant_type == quant_type
+            assert bool(state.nested) is double
+            assert layer.compute_dtype == __import__("torch").float32
+        # only the adapters train
+        trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+        assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_parameter_counts_undo_4bit_packing():
+    from qlora_ray.device import resolve_device
+    from qlora_ray.modeling import load
+
+    class NoCuda:
+        @staticmethod
+        def is_available():
+            return False
+
+    counts = {}
+    for bits in (4, 16):
+        cfg = fast(**{"quant.bits": bits})
+        loaded = load(cfg, resolve_device(cfg, NoCuda), "float32")
+        counts[bits] = (loaded.trainable_params, loaded.total_params)
+    assert counts[4] == counts[16]  # two 4-bit weights per byte are counted as two weights
+
+
+# ------------------------------------------------------------------------------ full runs
+
+
+@pytest.fixture(scope="module")
+def ok_run():
+    return run(fast(**{"train.max_steps": 8}))
+
+
+def test_row_has_every_contract_column_with_the_right_type(ok_run, tmp_path):
+    row = ok_run.row
+    assert row["status"] == "ok", row["error"]
+    assert set(row) <= set(RUN_COLUMNS)
+    must = {
+        "experiment_id": str, "name": str, "status": str, "device_name": str, "quant_bits": int,
+        "quant_type": str, "double_quant": bool, "compute_dtype": str, "lora_r": int, "lora_alpha": float,
+        "batch_size": int, "grad_accum": int, "epochs": float, "learning_rate": float, "max_seq_len": int,
+        "train_seconds": float, "tokens_per_second": float, "peak_memory_bytes": int, "memory_source": str,
+        "similarity_score": float, "similarity_score_before": float, "eval_loss": float,
+        "accuracy": float, "f1": float, "trainable_params": int, "total_params": int, "embedder": str,
+        "torch_version": str, "transformers_version": str, "peft_version": str,
+        "bitsandbytes_version": str, "python_version": str, "hostname": str,
+        "started_at": dt.datetime, "finished_at": dt.datetime,
+    }
+    for col, typ in must.items():
+        assert isinstance(row[col], typ), f"{col}={row[col]!r}"
+    assert row["error"] is None and row["memory_source"] == "cpu_rss"
+    assert row["finished_at"] > row["started_at"]
+    assert row["tokens_per_second"] > 0 and row["train_tokens"] > 0
+    assert row["peak_memory_bytes"] > 50 * 2**20
+    assert row["labels"] == "negative,neutral,positive"
+    # and it survives the real writer and reader
+    write_run(str(tmp_path), "s", row)
+    assert read_run_rows(str(tmp_path), "s")[row["experiment_id"]]["status"] == "ok"
+
+
+def test_samples_hold_prompt_reference_generation_and_score(ok_run):
+    phases = {s["phase"] for s in ok_run.samples}
+    assert phases == {"before", "after"}
+    after = [s for s in ok_run.samples if s["phase"] == "after"]
+    assert len(after) == 4
+    for s in after:
+        assert s["prompt"].endswith("### Response:\n") and s["reference"]
+        assert 0 <= s["similarity_score"] <= 2 and isinstance(s["generated"], str)
+    mean = sum(s["similarity_score"] for s in after) / len(after)
+    assert math.isclose(mean, ok_run.row["similarity_score"], rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("bits", [8, 16])
+def test_8bit_and_16bit_baselines_run(bits):
+    out = run(fast(**{"quant.bits": bits}))
+    assert out.row["status"] == "ok", out.row["error"]
+    assert out.row["quant_bits"] == bits and out.row["quant_type"] is None
+    assert out.row["train_steps"] == 2
+
+
+def test_training_lowers_the_loss(ok_run):
+    row = ok_run.row
+    assert row["eval_loss"] < row["eval_loss_before"]
+    assert row["train_loss_last"] < row["train_loss_first"]
+
+
+# ------------------------------------------------------------------------------ failures
+
+
+@pytest.mark.parametrize(
+    ("target", "phase"),
+    [("qlora_ray.modeling.load", "load"), ("qlora_ray.train.train", "train"),
+     ("qlora_ray.evaluate.generate", "eval")],
+)
+def test_out_of_memory_in_each_phase_is_an_oom_row(monkeypatch, target, phase):
+    import torch
+
+    def boom(*a, **k):
+        # what CUDA raises (a subclass of RuntimeError); the host's is MemoryError
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(target, boom)
+    out = run(fast())
+    assert out.row["status"] == "oom"
+    assert out.row["error_phase"] == phase
+    assert "Tried to allocate" in out.row["error"]
+    assert out.row["finished_at"] is not None
+    if phase != "load":
+        assert out.row["peak_memory_bytes"] and out.row["memory_source"] == "cpu_rss"  # figures so far
+
+
+def test_host_memory_error_and_other_exceptions(monkeypatch):
+    def host_oom(*a, **k):
+        raise MemoryError()
+
+    monkeypatch.setattr("qlora_ray.train.train", host_oom)
+    assert run(fast()).row["status"] == "oom"
+
+    def crash(*a, **k):
+        raise ValueError("tokenizer exploded")
+
+    monkeypatch.setattr("qlora_ray.train.train", crash)
+    row = run(fast()).row
+    assert (row["status"], row["error_phase"]) == ("failed", "train")
+    assert row["error"].startswith("ValueError: tokenizer exploded")
+
+
+def test_oom_backoff_halves_the_micro_batch_and_keeps_the_effective_batch(monkeypatch):
+    import qlora_ray.train as training
+
+    real_train = training.train
+    calls = []
+
+    def first_call_ooms(trainer):
+        calls.append(trainer.args.per_device_train_batch_size)
+        if len(calls) == 1:
+            raise MemoryError()
+        return real_train(trainer)
+
+    monkeypatch.setattr("qlora_ray.train.train", first_call_ooms)
+    row = run(fast(**{"train.batch_size": 4, "train.grad_accum": 1, "train.oom_backoff": True})).row
+    assert row["status"] == "ok", row["error"]
+    assert calls == [4, 2]
+    assert (row["batch_size"], row["grad_accum"]) == (2, 2)
+    assert row["batch_size_requested"] == "4"
+
+
+def test_saved_adapter_loads_with_peft_on_the_base_model(tmp_path):
+    from qlora_ray.modeling import load_adapter_for_inference, resolve_model_path
+
+    out = run(fast(**{"train.save_adapter": True}), results=str(tmp_path), spec_name="s")
+    assert out.row["status"] == "ok", out.row["error"]
+    adapter = Path(out.row["adapter_path"])
+    assert adapter == tmp_path / "s" / "adapters" / out.row["experiment_id"]
+    assert (adapter / "adapter_config.json").is_file()
+    model = load_adapter_for_inference(resolve_model_path("builtin:tiny-llama"), str(adapter))
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_bf16_refused_on_a_gpu_without_it(monkeypatch):
+    """The device check runs on a thin fake T4 before anything loads."""
+    from types import SimpleNamespace
+
+    import torch
+
+    fake = SimpleNamespace(
+        is_available=lambda: True, is_bf16_supported=lambda: False,
+        get_device_properties=lambda i: SimpleNamespace(name="Tesla T4", total_memory=15 * 2**30),
+    )
+    monkeypatch.setattr(torch, "cuda", SimpleNamespace(**{**vars(torch.cuda), **vars(fake)}))
+    row = run(fast(**{"quant.compute_dtype": "bfloat16", "gpu": "T4"})).row
+    assert (row["status"], row["error_phase"]) == ("failed", "setup")
+    assert "`quant.compute_dtype` is not supported on Tesla T4" in row["error"]
+
+
+def test_an_eval_pass_does_not_break_gradients_through_4bit_layers():
+    """bitsandbytes repacks 4-bit weights for CPU inference after a no-grad eval pass; the
+    gradients of the first layer's adapters must be the same with and without such a pass."""
+    import torch
+
+    from qlora_ray.device import resolve_device
+    from qlora_ray.modeling import load
+
+    class NoCuda:
+        @staticmethod
+        def is_available():
+            return False
+
+    cfg = fast(**{"train.gradient_checkpointing": False, "lora.dropout": 0.0})
+    ids = torch.randint(10, 500, (2, 24), generator=torch.Generator().manual_seed(0))
+    grads = []
+    for evaluate_first in (False, True):
+        torch.manual_seed(0)
+        model = load(cfg, resolve_device(cfg, NoCuda), "float32").model
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                model(input_ids=ids)
+            model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        param = next(p for n, p in model.named_parameters() if "layers.0." in n and "lora_B" in n)
+        grads.append(param.grad.clone())
+        layer = next(m for m in model.modules() if type(m).__name__ == "Linear4bit")
+        assert layer.weight.quant_state.nested  # double quantization still in place
+    assert grads[0].abs().sum() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
