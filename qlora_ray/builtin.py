@@ -6,14 +6,19 @@
 The recipe, start to finish in about ten seconds on two CPU cores:
 
 1. train a byte-level BPE tokenizer (1024 tokens) on the packaged corpus
-   (`qlora_ray/assets/tiny_corpus.txt`: synthetic financial headlines and short news
-   sentences, no instruction format, no labels) plus a few fixed strings (the default
-   prompt template's headers and the three sentiment words at the start of a line, so
-   the answers of `experiments/data/fin_sentiment.jsonl` are single tokens);
+   (`qlora_ray/assets/tiny_corpus.txt`: synthetic financial headlines, short news
+   sentences and general statements such as "When a company cuts jobs, investors see the
+   news as negative."; no instruction format, no labelled headline) plus a few fixed
+   strings (the default prompt template's headers and the three sentiment words at the
+   start of a line, so the answers of `experiments/data/fin_sentiment.jsonl` are single
+   tokens);
 2. build a 2-layer `LlamaForCausalLM` (hidden 128, 4 heads; every linear dimension a
    multiple of 64, as bitsandbytes' 4-bit blocks need), with tied embeddings;
 3. pretrain it as a causal LM on the corpus for 200 steps (plain torch loop, fixed seeds),
-   so that fine-tuning starts from a model that knows the words, not from noise.
+   so that fine-tuning starts from a model that knows the words, not from noise; then
+   give each token the corpus never showed the embedding of its space-prefixed twin
+   (`negative` <- `Ġnegative`): answers are tokenized at the start of a line, a form the
+   corpus lacks, and LoRA cannot train embeddings.
 
 The result is cached under `$QLORA_RAY_CACHE` (default `~/.cache/qlora-ray`) in
 `builtin/tiny-llama-<hash>`, where the hash covers everything that decides the weights:
@@ -123,6 +128,11 @@ TRAIN_SETTINGS: dict[str, Any] = {
     "weight_decay": 0.0,
     "max_grad_norm": 1.0,
     "eval_blocks": 32,  # held-out blocks on which loss_before/loss_after are measured
+    # After pretraining, a token the corpus never showed (e.g. `negative` at the start of a
+    # line, as a response is tokenized) gets the embedding of its space-prefixed twin
+    # (`Ġnegative`), which it did see. Without this the answer tokens keep a random
+    # embedding that low-rank adapters struggle to steer towards.
+    "twin_init": True,
 }
 
 
@@ -241,6 +251,7 @@ def _build(name: str, out: Path) -> None:
         model = _make_model()
         blocks = _blocks(tokenizer, lines)
         losses = _pretrain(model, blocks)
+        twins = _init_unseen_from_twins(model, tokenizer, blocks) if TRAIN_SETTINGS["twin_init"] else 0
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     seconds = time.perf_counter() - start
@@ -252,6 +263,7 @@ def _build(name: str, out: Path) -> None:
         "tokenizer_vocab_size": len(tokenizer),
         "parameters": sum(p.numel() for p in model.parameters()),
         **losses,
+        "twin_initialized_tokens": twins,
         "build_seconds": round(seconds, 2),
         "num_threads": torch.get_num_threads(),
         "versions": {d: _minor(d) for d in ("torch", "transformers", "tokenizers")},
@@ -335,6 +347,23 @@ def _pretrain(model: Any, blocks: Any) -> dict[str, float]:
     model.eval()
     return {"loss_before": round(loss_before, 4), "loss_after": round(_loss(model, held_out), 4),
             "train_loss_last": round(float(loss.detach()), 4)}
+
+
+def _init_unseen_from_twins(model: Any, tokenizer: Any, blocks: Any) -> int:
+    """Copy `Ġword`'s embedding to `word` wherever the corpus never showed `word`."""
+    import torch
+
+    seen = set(blocks.unique().tolist())
+    vocab = tokenizer.get_vocab()
+    weight = model.get_input_embeddings().weight  # tied: the output head changes with it
+    copied = 0
+    with torch.no_grad():
+        for token, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
+            twin = vocab.get("Ġ" + token)
+            if idx not in seen and twin is not None and twin in seen and token not in SPECIAL_TOKENS:
+                weight[idx] = weight[twin]
+                copied += 1
+    return copied
 
 
 def _warmup_cosine(warmup: int, total: int) -> Any:

@@ -7,10 +7,14 @@ Outputs (deterministic: fixed seeds, stdlib only, byte-identical on every run):
 - `experiments/data/fin_sentiment.jsonl`: 400 rows with `instruction`, `input`, `output`,
   `task`. 270 are sentiment rows (90 each of negative / neutral / positive), 65 ask which
   company a headline is about, 65 ask for a four-to-five word summary.
-- `qlora_ray/assets/tiny_corpus.txt`: plain headlines and short news sentences for
-  pretraining `builtin:tiny-llama`. No instruction format and no labels, so fine-tuning
-  still has something to learn; it does use the same vocabulary, so a model of a few
-  hundred thousand parameters can learn the task from a few hundred rows.
+- `qlora_ray/assets/tiny_corpus.txt`: 3000 lines of plain headlines, short news sentences
+  and general statements of how investors read kinds of events ("When a company cuts
+  jobs, investors see the news as negative."), for pretraining `builtin:tiny-llama`. No
+  instruction format and no labelled headline, so the untrained model cannot answer the
+  questions (its accuracy is at chance) and fine-tuning has something to learn; but, like
+  a real base model, it knows the words and what they usually mean, which is what lets a
+  model of half a million parameters learn the task from a few hundred rows with LoRA
+  (attention-only, r 8, learning rate 2e-3: ~85% sentiment accuracy after 3 epochs).
 
 Every company is fictional. Headlines come from templates whose verb decides the
 sentiment ("surges" -> positive, "plunges" -> negative, "holds steady" -> neutral), so the
@@ -38,6 +42,7 @@ COMPANY_ROWS = 65
 SUMMARY_ROWS = 65
 CORPUS_HEADLINES = 1400
 CORPUS_SENTENCES = 1000
+CORPUS_KNOWLEDGE = 600
 
 # sector -> (demand noun used in headlines, five fictional companies)
 SECTORS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -134,6 +139,25 @@ CORPUS_SENTENCES_TEMPLATES = (
 )
 
 
+# How investors read each kind of event: general finance knowledge, the kind a real base
+# model picks up in pretraining. Phrased about "a company", never about a headline, so the
+# corpus holds no labelled rows; fine-tuning still has to learn to answer the question.
+KNOWLEDGE: dict[str, tuple[str, ...]] = {
+    "positive": ("shares surge", "beats forecasts", "raises its outlook", "profit jumps",
+                 "wins a contract", "stock rallies", "lifts its dividend", "revenue climbs"),
+    "negative": ("shares plunge", "misses forecasts", "cuts jobs", "profit falls",
+                 "slashes its dividend", "stock slumps", "faces a probe", "lowers its outlook"),
+    "neutral": ("holds steady", "sets an earnings date", "names a new finance chief", "shares are flat",
+                "keeps its outlook unchanged", "schedules a meeting", "moves its headquarters",
+                "trades in line with peers"),
+}
+KNOWLEDGE_FRAMES = (
+    "When a company {e}, investors see the news as {s}.",
+    "News that a company {e} is usually {s} for the stock.",
+    "If a {sector} company {e}, analysts call it {s} news.",
+)
+
+
 def _fill(template: str, rng: random.Random, company: str, sector: str) -> str:
     values = {
         "c": company,
@@ -207,6 +231,11 @@ def make_corpus(seed: int = CORPUS_SEED) -> list[str]:
     for _ in range(CORPUS_SENTENCES):
         company, sector = rng.choice(COMPANIES)
         lines.append(_fill(rng.choice(CORPUS_SENTENCES_TEMPLATES), rng, company, sector))
+    for _ in range(CORPUS_KNOWLEDGE):
+        sentiment = rng.choice(("negative", "neutral", "positive"))
+        frame = rng.choice(KNOWLEDGE_FRAMES)
+        event, sector = rng.choice(KNOWLEDGE[sentiment]), rng.choice(list(SECTORS))
+        lines.append(frame.format(e=event, s=sentiment, sector=sector))
     rng.shuffle(lines)
     return lines
 
