@@ -1,0 +1,404 @@
+"""Training and eval data: load, format, tokenize, split, pack, collate.
+
+    data = prepare_data(cfg, tokenizer)      # cfg: ExperimentConfig
+    trainer = Trainer(..., train_dataset=data.train, eval_dataset=data.eval,
+                      data_collator=make_collator(tokenizer))
+
+What a row becomes:
+
+- prompt text: `dataset.prompt_template.format_map(row)`, where a column a row lacks (or
+  holds null) formats as empty; with `dataset.chat_template: true` that text is the user
+  message of the tokenizer's chat template (with the generation prompt appended).
+  If the tokenizer puts a bos token in front of what it encodes (Llama does), the text
+  starts with it; so the prompt text is exactly what the model sees, and is tokenized
+  with `add_special_tokens=False` everywhere (training here, generation in evaluate).
+- target: `row[dataset.response_field]` + the eos token. Prompt and response are
+  tokenized separately, as generation sees them: the prompt, then new tokens.
+- labels: -100 on every prompt token, so the loss is on the response only.
+- truncation to `train.max_seq_len`: the response is kept and the prompt is cut from the
+  left (after its bos token), because the end of a prompt (the question and the
+  "### Response:" cue) is what the answer depends on. If the response alone would leave
+  the prompt fewer than `max_seq_len // 2` tokens, the prompt keeps its last
+  `max_seq_len // 2` tokens and the response is cut from the right (losing its eos).
+- split: rows are shuffled with `random.Random(dataset.split_seed)`; the first
+  `eval_size` rows (a count, or a fraction of the rows) are held out, the rest train.
+  `dataset.max_train_samples` then caps the training rows, `eval.max_samples` the eval rows.
+- packing (`dataset.packing`): whole training examples are laid end to end into
+  sequences of at most `max_seq_len` tokens (an example is never split across two), with
+  their label masks unchanged. Attention crosses example boundaries inside a sequence, as
+  in the classic packed-SFT recipe; eval data is never packed.
+
+Rows whose response is null or empty are dropped (with a warning): an empty target
+teaches nothing and has no reference to score against.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import string
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from qlora_ray.config import ConfigError, DatasetConfig, ExperimentConfig, problem
+
+if TYPE_CHECKING:
+    import datasets
+    import torch
+
+log = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100  # the label value transformers' loss skips
+LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+# `eval.labels: auto`: answers of at most this many words seen at least this often.
+AUTO_LABEL_MAX_WORDS = 3
+AUTO_LABEL_MIN_COUNT = 3
+
+
+@dataclass
+class PreparedData:
+    train: datasets.Dataset  # input_ids, attention_mask, labels (prompt tokens = -100)
+    eval: datasets.Dataset  # same, unpacked, for the eval loss on the held-out rows
+    eval_prompts: list[str]  # prompt text of the held-out rows (chat template, bos included)
+    eval_references: list[str]  # their reference answers
+    labels: list[str] | None  # label set for accuracy/F1, or None
+    num_train_tokens: int  # non-padding tokens in one epoch of train
+    stats: dict[str, int] = field(default_factory=dict)  # rows, dropped, truncated, ...
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_rows(cfg: DatasetConfig) -> list[dict[str, Any]]:
+    """Every row of a local file (.jsonl/.json/.csv/.parquet) or of a hub dataset's split."""
+    import datasets
+
+    path = Path(cfg.path).expanduser()
+    suffix = path.suffix.lower()
+    if path.is_file():
+        if suffix not in LOCAL_FORMATS:
+            raise ConfigError([problem("dataset.path", cfg.path, "has an unsupported file type",
+                                       f"use one of {', '.join(LOCAL_FORMATS)}")])
+        # The whole file is the data; `dataset.split` only selects a split of hub datasets.
+        ds = _load(cfg, LOCAL_FORMATS[suffix], data_files={"train": str(path)}, split="train")
+    elif path.is_dir():
+        ds = _load(cfg, str(path), split=cfg.split)
+    elif suffix in LOCAL_FORMATS or cfg.path.startswith((".", "/", "~")):
+        raise ConfigError([problem(
+            "dataset.path", cfg.path, "is not a file",
+            f"check the path (a relative path is resolved from the working directory, {Path.cwd()})",
+        )])
+    else:
+        ds = _load(cfg, cfg.path, cfg.subset, split=cfg.split)
+    if not isinstance(ds, datasets.Dataset):
+        raise ConfigError([problem("dataset.split", cfg.split, "did not select one split",
+                                   "name a split such as train")])
+    rows = ds.to_list()
+    if not rows:
+        raise ConfigError([problem("dataset.path", cfg.path, "has no rows", "give a dataset with rows")])
+    return rows
+
+
+def _load(cfg: DatasetConfig, *args: Any, **kwargs: Any) -> Any:
+    import datasets
+
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except (OSError, ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        # Not found on the hub, offline, unknown split, or a file that does not parse.
+        raise ConfigError([problem(
+            "dataset.path", cfg.path, f"could not be loaded ({type(e).__name__}: {e})",
+            "check the file's format, or the hub name, `dataset.subset`, `dataset.split` and the network",
+        )]) from e
+
+
+# -------------------------------------------------------------------------- validation
+
+
+class _BlankMissing(dict):
+    """A row for `format_map`: a column the row lacks formats as empty text."""
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+def template_columns(template: str) -> list[str]:
+    """Column names a prompt template refers to (`{a}`, `{a[0]}` and `{a.b}` all name `a`)."""
+    names = []
+    for _, field_name, _, _ in string.Formatter().parse(template):
+        if field_name is not None:
+            names.append(re.split(r"[.\[]", field_name, maxsplit=1)[0])
+    return list(dict.fromkeys(names))
+
+
+def _response(row: dict[str, Any], response_field: str) -> str | None:
+    value = row.get(response_field)
+    if value is None:
+        return None
+    text = value if isinstance(value, str) else str(value)
+    return text if text.strip() else None
+
+
+def check_rows(rows: list[dict[str, Any]], cfg: DatasetConfig) -> tuple[list[dict[str, Any]], int]:
+    """(rows with a response, number dropped); raises on a template or column the data lacks."""
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    problems = []
+    for name in template_columns(cfg.prompt_template):
+        if name == "" or name.isdigit():
+            problems.append(problem("dataset.prompt_template", cfg.prompt_template,
+                                    "has a positional placeholder ({} or {0})",
+                                    f"name a column instead, one of: {', '.join(columns)}"))
+        elif name not in columns:
+            problems.append(problem("dataset.prompt_template", cfg.prompt_template,
+                                    f"uses {{{name}}}, which no row has",
+                                    f"use the dataset's columns: {', '.join(columns)}"))
+    if cfg.response_field not in columns:
+        problems.append(problem("dataset.response_field", cfg.response_field,
+                                "is not a column of the dataset",
+                                f"set it to the answer column, one of: {', '.join(columns)}"))
+    if problems:
+        raise ConfigError(problems)
+    kept = [row for row in rows if _response(row, cfg.response_field) is not None]
+    dropped = len(rows) - len(kept)
+    if not kept:
+        raise ConfigError([problem("dataset.response_field", cfg.response_field,
+                                   "is empty in every row", "point it at the column with the answers")])
+    if dropped:
+        log.warning("dropped %d of %d rows whose %r is null or empty", dropped, len(rows),
+                    cfg.response_field)
+    return kept, dropped
+
+
+# ------------------------------------------------------------------------------ split
+
+
+def eval_count(n_rows: int, eval_size: int | float) -> int:
+    """Rows to hold out: a count as given, or a fraction of the rows (at least one)."""
+    if isinstance(eval_size, float):
+        return max(1, round(n_rows * eval_size))
+    return eval_size
+
+
+def split_indices(n_rows: int, eval_size: int | float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, eval) row indices: a seeded shuffle, eval taken from its front. Disjoint."""
+    k = eval_count(n_rows, eval_size)
+    if k >= n_rows:
+        raise ConfigError([problem("dataset.eval_size", eval_size,
+                                   f"must leave rows to train on (the dataset has {n_rows} usable rows)",
+                                   "hold out fewer rows, or a fraction such as 0.1")])
+    order = list(range(n_rows))
+    random.Random(seed).shuffle(order)
+    return order[k:], order[:k]
+
+
+# ---------------------------------------------------------------------------- labels
+
+
+def auto_labels(answers: Sequence[str]) -> list[str] | None:
+    """Answers of at most three words that occur at least three times, sorted; None if none."""
+    counts = Counter(a.strip() for a in answers)
+    labels = sorted(
+        a for a, n in counts.items()
+        if a and len(a.split()) <= AUTO_LABEL_MAX_WORDS and n >= AUTO_LABEL_MIN_COUNT
+    )
+    return labels or None
+
+
+def label_set(setting: tuple[str, ...] | str, answers: Sequence[str]) -> list[str] | None:
+    """`eval.labels`: a list as given, `none` -> None, `auto` -> `auto_labels(answers)`."""
+    if setting == "none":
+        return None
+    if setting == "auto":
+        return auto_labels(answers)
+    return list(setting)
+
+
+# ------------------------------------------------------------------------ formatting
+
+
+class PromptFormatter:
+    """Row -> prompt text, the same way for training and for generation."""
+
+    def __init__(self, cfg: DatasetConfig, tokenizer: Any):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        if cfg.chat_template and not getattr(tokenizer, "chat_template", None):
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise ConfigError([problem("dataset.chat_template", True,
+                                       f"needs a tokenizer with a chat template, and {name!r} has none",
+                                       "set it to false to use `dataset.prompt_template` as is")])
+        # Chat templates write their own bos; otherwise add it as text if the tokenizer would.
+        self.bos_text = "" if cfg.chat_template else _bos_text(tokenizer)
+
+    def __call__(self, row: dict[str, Any], index: int) -> str:
+        values = _BlankMissing({k: "" if v is None else v for k, v in row.items()})
+        try:
+            text = self.cfg.prompt_template.format_map(values)
+        except (IndexError, KeyError, AttributeError, ValueError, TypeError) as e:
+            raise ConfigError([problem("dataset.prompt_template", self.cfg.prompt_template,
+                                       f"fails on row {index} ({type(e).__name__}: {e})",
+                                       "fix the placeholder, or the data in that row")]) from e
+        if self.cfg.chat_template:
+            return self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        return self.bos_text + text
+
+
+def _bos_text(tokenizer: Any) -> str:
+    bos_id = tokenizer.bos_token_id
+    if bos_id is None or tokenizer("a")["input_ids"][:1] != [bos_id]:
+        return ""  # the tokenizer does not add one (e.g. Qwen); neither do we
+    if tokenizer(tokenizer.bos_token, add_special_tokens=False)["input_ids"] != [bos_id]:
+        log.warning("the bos token %r does not tokenize back to itself; prompts go without it",
+                    tokenizer.bos_token)
+        return ""
+    return tokenizer.bos_token
+
+
+# ------------------------------------------------------------------------ tokenizing
+
+
+def truncate(
+    prompt: list[int], response: list[int], max_len: int, head: int = 0
+) -> tuple[list[int], list[int]]:
+    """Fit prompt + response into `max_len`, keeping the response and the prompt's end.
+
+    `head` leading prompt tokens (the bos token) are always kept. See the module docstring.
+    """
+    if len(prompt) + len(response) <= max_len:
+        return prompt, response
+    budget = max(max_len - len(response), min(len(prompt), max_len // 2))
+    keep = max(budget - head, 0)
+    prompt = prompt[:head] + prompt[len(prompt) - keep :]
+    return prompt, response[: max_len - len(prompt)]
+
+
+def encode(
+    tokenizer: Any, prompts: list[str], responses: list[str], max_len: int
+) -> tuple[list[dict[str, list[int]]], int]:
+    """Tokenized examples (labels -100 on the prompt) and how many were truncated."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    bos_id = tokenizer.bos_token_id
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"] if responses else []
+    examples, truncated = [], 0
+    for p, r in zip(prompt_ids, response_ids, strict=True):
+        head = 1 if p[:1] == [bos_id] and bos_id is not None else 0
+        p2, r2 = truncate(list(p), list(r) + eos, max_len, head)
+        truncated += (len(p2), len(r2)) != (len(p), len(r) + len(eos))
+        examples.append({
+            "input_ids": p2 + r2,
+            "attention_mask": [1] * (len(p2) + len(r2)),
+            "labels": [IGNORE_INDEX] * len(p2) + r2,
+        })
+    return examples, truncated
+
+
+def pack(examples: list[dict[str, list[int]]], max_len: int) -> list[dict[str, list[int]]]:
+    """Lay whole examples end to end into sequences of at most `max_len` tokens, in order."""
+    packed: list[dict[str, list[int]]] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    for ex in examples:
+        if ids and len(ids) + len(ex["input_ids"]) > max_len:
+            packed.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+            ids, labels = [], []
+        ids = ids + ex["input_ids"]
+        labels = labels + ex["labels"]
+    if ids:
+        packed.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    return packed
+
+
+def _to_dataset(examples: list[dict[str, list[int]]]) -> datasets.Dataset:
+    import datasets
+
+    columns = ("input_ids", "attention_mask", "labels")
+    return datasets.Dataset.from_dict({c: [ex[c] for ex in examples] for c in columns})
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def prepare_data(cfg: ExperimentConfig, tokenizer: Any) -> PreparedData:
+    """Load, check, split, format and tokenize the experiment's dataset."""
+    d = cfg.dataset
+    rows, dropped = check_rows(load_rows(d), d)
+    answers = [_response(row, d.response_field) or "" for row in rows]
+    train_idx, eval_idx = split_indices(len(rows), d.eval_size, d.split_seed)
+    if d.max_train_samples is not None:
+        train_idx = train_idx[: d.max_train_samples]
+    if cfg.eval.max_samples is not None:
+        eval_idx = eval_idx[: cfg.eval.max_samples]
+
+    fmt = PromptFormatter(d, tokenizer)
+    max_len = cfg.train.max_seq_len
+    train_examples, train_cut = encode(
+        tokenizer, [fmt(rows[i], i) for i in train_idx], [answers[i] for i in train_idx], max_len
+    )
+    eval_prompts = [fmt(rows[i], i) for i in eval_idx]
+    eval_references = [answers[i] for i in eval_idx]
+    eval_examples, eval_cut = encode(tokenizer, eval_prompts, eval_references, max_len)
+    num_train_tokens = sum(len(ex["input_ids"]) for ex in train_examples)
+    if d.packing:
+        train_examples = pack(train_examples, max_len)
+    if train_cut or eval_cut:
+        log.warning("truncated %d train and %d eval examples to train.max_seq_len=%d",
+                    train_cut, eval_cut, max_len)
+
+    labels = label_set(cfg.eval.labels, answers)
+    stats = {"rows": len(rows) + dropped, "rows_dropped": dropped, "train_rows": len(train_idx),
+             "eval_rows": len(eval_idx), "train_sequences": len(train_examples),
+             "train_truncated": train_cut, "eval_truncated": eval_cut}
+    log.info("data: %s; labels %s", stats, labels)
+    return PreparedData(
+        train=_to_dataset(train_examples),
+        eval=_to_dataset(eval_examples),
+        eval_prompts=eval_prompts,
+        eval_references=eval_references,
+        labels=labels,
+        num_train_tokens=num_train_tokens,
+        stats=stats,
+    )
+
+
+# ---------------------------------------------------------------------------- collate
+
+
+@dataclass
+class PadCollator:
+    """Right-pads input_ids (pad id), attention_mask (0) and labels (-100) to the longest."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        import torch
+
+        longest = max(len(f["input_ids"]) for f in features)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+        for f in features:
+            ids = list(f["input_ids"])
+            pad = longest - len(ids)
+            mask = list(f["attention_mask"]) if "attention_mask" in f else [1] * len(ids)
+            labels = list(f["labels"]) if "labels" in f else list(ids)
+            batch["input_ids"].append(ids + [self.pad_token_id] * pad)
+            batch["attention_mask"].append(mask + [0] * pad)
+            batch["labels"].append(labels + [IGNORE_INDEX] * pad)
+        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def make_collator(tokenizer: Any, pad_to_multiple_of: int | None = None) -> Callable[..., Any]:
+    """The batch collator for `PreparedData.train`/`.eval`; pads on the right."""
+    pad_id = tokenizer.pad_token_id
+    if pad_id is None:
+        # The pad value never reaches the loss (labels are -100 there) or attention (mask 0).
+        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    return PadCollator(pad_id, pad_to_multiple_of)
