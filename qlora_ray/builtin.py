@@ -208,6 +208,7 @@ def ensure_builtin(name: str, cache_dir: str | Path | None = None) -> Path:
         _remove_stale_temps(final)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         try:
+            tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable
             _build(name, tmp)
             os.rename(tmp, final)
         except BaseException:

@@ -1,0 +1,282 @@
+"""data.py: what a row becomes (prompt, loss mask, split, packing, labels) and its errors.
+
+Uses the builtin tiny-llama tokenizer (built once per machine in the default cache).
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from qlora_ray.config import DEFAULT_PROMPT_TEMPLATE, ConfigError, ExperimentConfig, from_dict
+from qlora_ray.data import (
+    IGNORE_INDEX,
+    auto_labels,
+    label_set,
+    load_rows,
+    make_collator,
+    prepare_data,
+    split_indices,
+    truncate,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "experiments" / "data" / "fin_sentiment.jsonl"
+CORPUS = ROOT / "qlora_ray" / "assets" / "tiny_corpus.txt"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    from qlora_ray.builtin import ensure_builtin
+
+    return AutoTokenizer.from_pretrained(ensure_builtin("builtin:tiny-llama"))
+
+
+def config(path: Path | str = DATA, **dataset) -> ExperimentConfig:
+    extra = {k: dataset.pop(k) for k in list(dataset) if "." in k}  # e.g. "train.max_seq_len"
+    cfg = from_dict(ExperimentConfig, {"dataset": {"path": str(path), "eval_size": 64, **dataset}})
+    return cfg.replace(**extra) if extra else cfg
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def response_part(example: dict) -> list[int]:
+    return [t for t, lab in zip(example["input_ids"], example["labels"], strict=True) if lab != IGNORE_INDEX]
+
+
+def prompt_texts(data, tokenizer) -> list[str]:
+    """Every prompt, train and eval, as text: the tokens the loss mask hides."""
+    train = [tokenizer.decode([t for t, lab in zip(ex["input_ids"], ex["labels"], strict=True)
+                               if lab == IGNORE_INDEX]) for ex in data.train]
+    return train + data.eval_prompts
+
+
+def flat(column: list[list[int]]) -> list[int]:
+    return [t for seq in column for t in seq]
+
+
+# ------------------------------------------------------------------------ the dataset
+
+
+def test_generator_reproduces_the_committed_dataset_and_corpus(tmp_path):
+    module = runpy.run_path(str(ROOT / "experiments" / "data" / "make_fin_sentiment.py"))
+    module["main"](["--dataset", str(tmp_path / "d.jsonl"), "--corpus", str(tmp_path / "c.txt")])
+    assert (tmp_path / "d.jsonl").read_bytes() == DATA.read_bytes()
+    assert (tmp_path / "c.txt").read_bytes() == CORPUS.read_bytes()
+
+
+def test_dataset_shape_balance_and_no_labels_in_the_corpus():
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    assert len(rows) == 400
+    assert {tuple(r) for r in rows} == {("instruction", "input", "output", "task")}
+    assert Counter(r["task"] for r in rows) == {"sentiment": 270, "company": 65, "summary": 65}
+    assert Counter(r["output"] for r in rows if r["task"] == "sentiment") == {
+        "negative": 90, "neutral": 90, "positive": 90}
+    assert all(2 <= len(r["output"].split()) <= 5 for r in rows if r["task"] != "sentiment")
+    assert len({(r["instruction"], r["input"]) for r in rows}) == 400  # no duplicates to leak
+    corpus = CORPUS.read_text()
+    headlines = {r["input"] for r in rows}
+    assert "###" not in corpus and "Classify" not in corpus
+    # No corpus line pairs a headline with a sentiment word.
+    labelled = [line for line in corpus.splitlines()
+                if any(w in line for w in ("negative", "neutral", "positive"))
+                and any(h in line for h in headlines)]
+    assert labelled == []
+
+
+# ------------------------------------------------------------------------- formatting
+
+
+def test_loss_mask_covers_exactly_the_response_and_eos(tokenizer):
+    data = prepare_data(config(), tokenizer)
+    assert len(data.eval) == len(data.eval_prompts) == len(data.eval_references) == 64
+    for example, prompt, reference in zip(data.eval, data.eval_prompts, data.eval_references, strict=True):
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        answer_ids = tokenizer(reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        assert example["input_ids"] == prompt_ids + answer_ids
+        assert example["labels"] == [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        assert example["attention_mask"] == [1] * len(example["input_ids"])
+    assert data.num_train_tokens == sum(len(ex["input_ids"]) for ex in data.train)
+
+
+def test_prompt_is_the_template_over_the_row_with_the_bos_token(tokenizer):
+    data = prepare_data(config(), tokenizer)
+    rows = {(r["instruction"], r["input"]): r for r in map(json.loads, DATA.read_text().splitlines())}
+    for prompt, reference in zip(data.eval_prompts, data.eval_references, strict=True):
+        instruction = prompt.split("### Instruction:\n")[1].split("\n")[0]
+        headline = prompt.split("### Input:\n")[1].split("\n")[0]
+        row = rows[instruction, headline]
+        assert prompt == "<s>" + DEFAULT_PROMPT_TEMPLATE.format(**row)
+        assert reference == row["output"]
+
+
+def test_missing_or_null_columns_format_as_empty(tmp_path, tokenizer):
+    rows = [{"instruction": "Say hi.", "output": "hi"}, {"instruction": "Say yo.", "input": None, "output": "yo"},
+            {"instruction": "Echo.", "input": "x", "output": "x"}]
+    data = prepare_data(config(write_jsonl(tmp_path / "d.jsonl", rows), eval_size=1), tokenizer)
+    assert sorted(prompt_texts(data, tokenizer)) == [
+        "<s>### Instruction:\nEcho.\n### Input:\nx\n### Response:\n",
+        "<s>### Instruction:\nSay hi.\n### Input:\n\n### Response:\n",
+        "<s>### Instruction:\nSay yo.\n### Input:\n\n### Response:\n",
+    ]
+
+
+def test_chat_template_wraps_the_prompt_without_a_second_bos(tokenizer):
+    data = prepare_data(config(chat_template=True), tokenizer)
+    prompt = data.eval_prompts[0]
+    assert prompt.startswith("<s><|user|>\n### Instruction:\n") and prompt.endswith("<|assistant|>\n")
+    for example in data.train:
+        assert example["input_ids"][0] == tokenizer.bos_token_id != example["input_ids"][1]
+        assert response_part(example)[-1] == tokenizer.eos_token_id
+
+
+# ------------------------------------------------------------------------------ split
+
+
+def test_split_is_deterministic_disjoint_and_seeded(tokenizer):
+    first, again = prepare_data(config(), tokenizer), prepare_data(config(), tokenizer)
+    assert first.eval_prompts == again.eval_prompts
+    assert first.train["input_ids"] == again.train["input_ids"]
+    train_prompts = set(prompt_texts(first, tokenizer)[: len(first.train)])
+    assert len(train_prompts) == 336 and not train_prompts & set(first.eval_prompts)
+    other = prepare_data(config(split_seed=1), tokenizer)
+    assert set(other.eval_prompts) != set(first.eval_prompts)
+    train, held_out = split_indices(400, 0.1, seed=0)
+    assert len(held_out) == 40 and sorted(train + held_out) == list(range(400))
+
+
+def test_caps_take_a_prefix_of_the_same_split(tokenizer):
+    full = prepare_data(config(), tokenizer)
+    capped = prepare_data(config(**{"max_train_samples": 10, "eval.max_samples": 5}), tokenizer)
+    assert len(capped.train) == 10 and capped.train["input_ids"] == full.train["input_ids"][:10]
+    assert capped.eval_prompts == full.eval_prompts[:5] and len(capped.eval) == 5
+
+
+# ------------------------------------------------------------------ truncation, packing
+
+
+def test_truncation_keeps_bos_the_prompt_end_and_the_response(tokenizer):
+    data = prepare_data(config(**{"train.max_seq_len": 24}), tokenizer)
+    cue = tokenizer("\n### Response:\n", add_special_tokens=False)["input_ids"]
+    for example, reference in zip(data.eval, data.eval_references, strict=True):
+        ids = example["input_ids"]
+        assert len(ids) <= 24 and ids[0] == tokenizer.bos_token_id
+        answer = tokenizer(reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(answer) <= 12:  # short answers are kept whole, right after the cue
+            assert response_part(example) == answer
+            assert ids[len(ids) - len(answer) - len(cue) : len(ids) - len(answer)] == cue
+    assert data.stats["eval_truncated"] > 0
+
+
+def test_truncate_cuts_a_long_response_only_after_keeping_half_for_the_prompt():
+    prompt, response = [1, *range(100, 130)], list(range(200, 240))
+    p, r = truncate(prompt, response, max_len=32, head=1)
+    assert p == [1, *range(115, 130)] and r == list(range(200, 216))
+    assert truncate([1, 2], [3, 4], max_len=8, head=1) == ([1, 2], [3, 4])
+
+
+def test_packing_keeps_every_token_and_its_label_in_order(tokenizer):
+    plain = prepare_data(config(), tokenizer)
+    packed = prepare_data(config(packing=True), tokenizer)
+    assert len(packed.train) < len(plain.train) / 3
+    assert all(len(ids) <= 256 for ids in packed.train["input_ids"])
+    assert flat(packed.train["input_ids"]) == flat(plain.train["input_ids"])
+    assert flat(packed.train["labels"]) == flat(plain.train["labels"])
+    assert packed.num_train_tokens == plain.num_train_tokens
+    assert packed.eval["input_ids"] == plain.eval["input_ids"]  # eval is never packed
+
+
+def test_collator_pads_right_with_pad_id_zero_mask_and_ignored_labels(tokenizer):
+    collate = make_collator(tokenizer)
+    batch = collate([{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
+                     {"input_ids": [8], "attention_mask": [1], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, tokenizer.pad_token_id, tokenizer.pad_token_id]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def test_auto_label_rule_short_answers_seen_three_times():
+    answers = ["yes"] * 3 + ["no"] * 2 + ["rather long answer here"] * 5 + ["up to three"] * 3
+    assert auto_labels(answers) == ["up to three", "yes"]
+    assert auto_labels(["a", "b"]) is None
+    assert label_set("none", answers) is None
+    assert label_set(("b", "a"), answers) == ["b", "a"]
+
+
+def test_shipped_dataset_auto_labels_are_the_three_sentiments(tokenizer):
+    assert prepare_data(config(), tokenizer).labels == ["negative", "neutral", "positive"]
+    none = prepare_data(config().replace(**{"eval.labels": "none"}), tokenizer)
+    assert none.labels is None
+
+
+# ---------------------------------------------------------------------- loading, errors
+
+
+def test_csv_and_parquet_load_the_same_rows(tmp_path):
+    import pandas as pd
+
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()][:20]
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    for name in ("d.csv", "d.parquet"):
+        assert load_rows(config(tmp_path / name).dataset) == rows
+
+
+def test_rows_without_a_response_are_dropped(tmp_path, tokenizer):
+    rows = [{"instruction": f"q{i}", "input": "", "output": "a" if i % 4 else None} for i in range(40)]
+    data = prepare_data(config(write_jsonl(tmp_path / "d.jsonl", rows), eval_size=5), tokenizer)
+    assert data.stats["rows_dropped"] == 10 and len(data.train) == 25
+
+
+def error_of(cfg: ExperimentConfig, tokenizer) -> str:
+    with pytest.raises(ConfigError) as err:
+        prepare_data(cfg, tokenizer)
+    return str(err.value)
+
+
+def test_template_column_no_row_has_names_key_value_and_columns(tokenizer):
+    message = error_of(config(prompt_template="Q: {question}\nA: "), tokenizer)
+    assert "`dataset.prompt_template` uses {question}, which no row has" in message
+    assert "'Q: {question}\\nA: '" in message and "instruction, input, output, task" in message
+
+
+def test_missing_response_field_names_key_value_and_columns(tokenizer):
+    message = error_of(config(response_field="answer"), tokenizer)
+    assert "`dataset.response_field` is not a column of the dataset, got 'answer'" in message
+    assert "instruction, input, output, task" in message
+
+
+def test_missing_file_names_key_value_and_where_it_looked(tokenizer):
+    message = error_of(config("experiments/data/nope.jsonl"), tokenizer)
+    assert "`dataset.path` is not a file, got 'experiments/data/nope.jsonl'" in message
+    assert str(Path.cwd()) in message
+
+
+def test_unsupported_file_type_and_oversized_eval_split_are_explained(tmp_path, tokenizer):
+    (tmp_path / "d.txt").write_text("hello\n")
+    assert "`dataset.path` has an unsupported file type" in error_of(config(tmp_path / "d.txt"), tokenizer)
+    small = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "q", "input": "", "output": "a"}] * 10)
+    message = error_of(config(small, eval_size=10), tokenizer)
+    assert "`dataset.eval_size` must leave rows to train on (the dataset has 10 usable rows), got 10" in message
+
+
+def test_chat_template_without_one_in_the_tokenizer_is_explained(tokenizer):
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.chat_template = None
+    message = error_of(config(chat_template=True), plain)
+    assert "`dataset.chat_template` needs a tokenizer with a chat template" in message
+    assert "set it to false" in message
