@@ -1,0 +1,153 @@
+"""ray_cluster.yaml is a config `ray up` accepts and that scales the right node for each card.
+
+Checked with what ships inside the `ray` package, no cloud account needed: the launcher's
+JSON schema, its own config preparation and validation (`prepare_config`,
+`validate_config`, what `ray up` runs before it talks to AWS), and the autoscaler's
+node-selection function fed with the resource request qlora-ray makes for each card.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import jsonschema
+import pytest
+import ray.autoscaler
+import yaml
+
+from qlora_ray.grid import load_spec
+from qlora_ray.profiles import BUILTIN_PROFILES, get_profile
+from qlora_ray.scheduler import _requirement
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = ROOT / "ray_cluster.yaml"
+# The cards the issue asks for: one worker type each, A100 split by memory size.
+CARDS = {"T4", "L4", "A10G", "A100-40G", "A100-80G", "H100"}
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    return yaml.safe_load(CLUSTER_YAML.read_text())
+
+
+@pytest.fixture(scope="module")
+def prepared(config: dict[str, Any]) -> dict[str, Any]:
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    # The same two steps `ray up` runs on the file before any cloud call.
+    out = prepare_config(copy.deepcopy(config))
+    validate_config(out)
+    return out
+
+
+def _gpu_types(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {name: t for name, t in config["available_node_types"].items() if t["resources"].get("GPU")}
+
+
+def _card(node_type: dict[str, Any]) -> str:
+    labels = [k.split(":", 1)[1] for k in node_type["resources"] if k.startswith("accelerator_type:")]
+    assert len(labels) == 1, node_type["resources"]
+    return labels[0]
+
+
+def test_matches_the_launcher_schema_shipped_with_ray(config: dict[str, Any]) -> None:
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    jsonschema.validate(config, schema)
+
+
+def test_passes_rays_own_config_preparation_and_validation(prepared: dict[str, Any]) -> None:
+    assert prepared["provider"]["type"] == "aws"
+    assert prepared["head_node_type"] == "head"
+    # prepare_config filled per-type limits; every worker type scales from zero.
+    for name, node_type in prepared["available_node_types"].items():
+        if name != "head":
+            assert node_type["min_workers"] == 0, name
+            assert node_type["max_workers"] >= 1, name
+
+
+def test_one_worker_type_per_card_each_advertising_gpu_and_its_accelerator_label(config: dict[str, Any]) -> None:
+    gpu_types = _gpu_types(config)
+    cards = [_card(t) for t in gpu_types.values()]
+    assert sorted(cards) == sorted(CARDS)
+    for name, node_type in gpu_types.items():
+        assert node_type["resources"]["GPU"] >= 1, name
+        assert node_type["resources"]["CPU"] >= 1, name
+        # The label is the one the card's profile asks Ray for (qlora_ray/profiles.py).
+        assert get_profile(_card(node_type)).ray_accelerator_type == _card(node_type), name
+        assert "--gpus all" in node_type["docker"]["worker_run_options"], name
+    # The head only coordinates: no experiment may be scheduled on it.
+    assert config["available_node_types"]["head"]["resources"] == {"CPU": 0}
+
+
+@pytest.mark.parametrize("card", sorted(CARDS))
+def test_the_autoscaler_starts_the_matching_node_for_a_queued_experiment(
+    prepared: dict[str, Any], card: str
+) -> None:
+    from functools import partial
+
+    from ray.autoscaler._private.node_provider_availability_tracker import NodeAvailabilitySummary
+    from ray.autoscaler._private.resource_demand_scheduler import (
+        _default_utilization_scorer,
+        get_nodes_for,
+    )
+
+    demand = _requirement(SimpleNamespace(profile=BUILTIN_PROFILES[card]), cpus_per_task=1)
+    to_add, unfulfilled = get_nodes_for(
+        prepared["available_node_types"], existing_nodes={"head": 1}, head_node_type="head",
+        max_to_add=5, resources=[demand],
+        utilization_scorer=partial(_default_utilization_scorer,
+                                   node_availability_summary=NodeAvailabilitySummary({})))
+    assert unfulfilled == []
+    assert [_card(prepared["available_node_types"][t]) for t in to_add] == [card]
+
+
+def test_every_cell_of_the_shipped_gpu_grid_has_a_node_type(config: dict[str, Any]) -> None:
+    spec = load_spec(ROOT / "experiments" / "gpu_profiles.yaml")
+    offered = [t["resources"] for t in config["available_node_types"].values()]
+    for cell in spec.cells:
+        demand = _requirement(SimpleNamespace(profile=get_profile(cell.gpu, spec.profiles)), cpus_per_task=1)
+        assert any(all(res.get(k, 0) >= v for k, v in demand.items()) for res in offered), (cell.name, demand)
+
+
+def test_every_node_runs_the_project_image_with_token_auth_and_no_secret_in_the_file(
+    config: dict[str, Any],
+) -> None:
+    docker = config["docker"]
+    assert re.fullmatch(r"[\w.\-/]+/qlora-ray:[\w.\-]+", docker["image"])
+    options = shlex.split(" ".join(docker["run_options"]))
+    assert "RAY_AUTH_MODE=token" in options
+    # The image's ENTRYPOINT is qlora-ray; the launcher's `docker run ... IMAGE bash` needs it cleared.
+    assert options[options.index("--entrypoint") + 1] == ""
+    # The token reaches the nodes as a file, from the user's own ~/.ray/auth_token.
+    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    text = CLUSTER_YAML.read_text()
+    assert not re.search(r"(AKIA[0-9A-Z]{16}|hf_[A-Za-z0-9]{20,}|aws_secret_access_key)", text, re.I)
+
+
+def test_start_commands_keep_the_dashboard_on_loopback_and_need_no_input(config: dict[str, Any]) -> None:
+    head = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head and "--head" in head
+    assert "$RAY_HEAD_IP" in " ".join(config["worker_start_ray_commands"])
+    every = [*config["initialization_commands"], *config["setup_commands"], *config["head_start_ray_commands"],
+             *config["worker_start_ray_commands"]]
+    assert not [c for c in every if re.search(r"\b(read|passwd|sudo -S)\b|--interactive|-it\b", c)]
+
+
+def test_the_launchers_docker_command_for_this_config_is_well_formed(config: dict[str, Any]) -> None:
+    from ray.autoscaler._private.docker import docker_start_cmds
+
+    cmd = docker_start_cmds(
+        "ubuntu", config["docker"]["image"], {"~/.ray/auth_token": "~/.ray/auth_token"},
+        config["docker"]["container_name"], config["docker"]["run_options"], config["cluster_name"],
+        "/home/qlora", "docker")
+    argv = shlex.split(cmd)
+    image_at = argv.index(config["docker"]["image"])
+    assert argv[image_at + 1:] == ["bash"]
+    assert argv[argv.index("--entrypoint") + 1] == ""
+    assert "/home/qlora/.ray/auth_token" in cmd
