@@ -151,3 +151,49 @@ def test_the_launchers_docker_command_for_this_config_is_well_formed(config: dic
     assert argv[image_at + 1:] == ["bash"]
     assert argv[argv.index("--entrypoint") + 1] == ""
     assert "/home/qlora/.ray/auth_token" in cmd
+
+
+# --------------------------------------------------------------------------- KubeRay manifests
+# Checked as YAML with the right kinds and the same per-card layout as ray_cluster.yaml
+# (no KubeRay CRD schema ships in a Python package; a cluster would be needed for more).
+
+
+def _k8s(name: str) -> dict[str, Any]:
+    docs = list(yaml.safe_load_all((ROOT / "k8s" / name).read_text()))
+    assert len(docs) == 1
+    return docs[0]
+
+
+def _cluster_spec(manifest: dict[str, Any]) -> dict[str, Any]:
+    return manifest["spec"]["rayClusterSpec"] if manifest["kind"] == "RayJob" else manifest["spec"]
+
+
+@pytest.mark.parametrize(("name", "kind"), [("raycluster.yaml", "RayCluster"), ("rayjob.yaml", "RayJob")])
+def test_kuberay_manifest_has_one_autoscaling_group_per_card(config: dict[str, Any], name: str, kind: str) -> None:
+    manifest = _k8s(name)
+    assert (manifest["apiVersion"], manifest["kind"]) == ("ray.io/v1", kind)
+    spec = _cluster_spec(manifest)
+    assert spec["authOptions"] == {"mode": "token"} and spec["enableInTreeAutoscaling"] is True
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    cards = []
+    for group in spec["workerGroupSpecs"]:
+        assert group["minReplicas"] == 0 and group["replicas"] == 0, group["groupName"]
+        resources = json.loads(json.loads(group["rayStartParams"]["resources"]))
+        (label,) = resources
+        cards.append(label.split(":", 1)[1])
+        (container,) = group["template"]["spec"]["containers"]
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1, group["groupName"]
+    assert sorted(cards) == sorted(CARDS)
+    for pod in [spec["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in spec["workerGroupSpecs"])]:
+        # Same image as the launcher config; the image's numeric non-root user.
+        assert [c["image"] for c in pod["containers"]] == [config["docker"]["image"]]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == 1000
+
+
+def test_the_rayjob_runs_a_grid_on_the_same_cluster_as_the_raycluster() -> None:
+    job, cluster = _k8s("rayjob.yaml"), _k8s("raycluster.yaml")
+    assert _cluster_spec(job) == _cluster_spec(cluster)
+    assert "qlora-ray run experiments/" in job["spec"]["entrypoint"]
+    assert "--results s3://" in job["spec"]["entrypoint"]
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
