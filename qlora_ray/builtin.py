@@ -3,7 +3,7 @@
     path = ensure_builtin("builtin:tiny-llama")      # a directory for from_pretrained
     AutoModelForCausalLM.from_pretrained(path); AutoTokenizer.from_pretrained(path)
 
-The recipe, start to finish in about ten seconds on two CPU cores:
+The recipe, start to finish in 10-20 seconds on two CPU cores (recorded in recipe.json):
 
 1. train a byte-level BPE tokenizer (1024 tokens) on the packaged corpus
    (`qlora_ray/assets/tiny_corpus.txt`: synthetic financial headlines, short news

@@ -13,8 +13,10 @@ Outputs (deterministic: fixed seeds, stdlib only, byte-identical on every run):
   instruction format and no labelled headline, so the untrained model cannot answer the
   questions (its accuracy is at chance) and fine-tuning has something to learn; but, like
   a real base model, it knows the words and what they usually mean, which is what lets a
-  model of half a million parameters learn the task from a few hundred rows with LoRA
-  (attention-only, r 8, learning rate 2e-3: ~85% sentiment accuracy after 3 epochs).
+  model of half a million parameters learn the sentiment task from a few hundred rows with
+  LoRA (r 8 on the attention projections, learning rate 2e-3, 3 epochs: from chance to
+  about 85% when comparing the three label tokens' scores). With the 2e-4 of the QLoRA
+  paper, meant for billion-parameter models, it barely moves in 3 epochs.
 
 Every company is fictional. Headlines come from templates whose verb decides the
 sentiment ("surges" -> positive, "plunges" -> negative, "holds steady" -> neutral), so the
