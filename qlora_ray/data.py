@@ -63,7 +63,9 @@ AUTO_LABEL_MIN_COUNT = 3
 class PreparedData:
     train: datasets.Dataset  # input_ids, attention_mask, labels (prompt tokens = -100)
     eval: datasets.Dataset  # same, unpacked, for the eval loss on the held-out rows
-    eval_prompts: list[str]  # prompt text of the held-out rows (chat template, bos included)
+    # Prompt text of the held-out rows, chat template and bos included, never truncated:
+    # tokenize it with add_special_tokens=False to get what the model saw in training.
+    eval_prompts: list[str]
     eval_references: list[str]  # their reference answers
     labels: list[str] | None  # label set for accuracy/F1, or None
     num_train_tokens: int  # non-padding tokens in one epoch of train

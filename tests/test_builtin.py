@@ -47,8 +47,9 @@ def test_model_config_comes_without_importing_torch_or_transformers():
         "print(json.dumps({'cfg': cfg, 'heavy': [m for m in ('torch', 'transformers', 'tokenizers')"
         " if m in sys.modules]}))\n"
     )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                                     check=True).stdout)
+                                     env=env, check=True).stdout)
     assert out["heavy"] == []
     assert out["cfg"]["model_type"] == "llama"
     assert out["cfg"] == builtin_model_config(TINY_LLAMA)
