@@ -16,9 +16,29 @@ from qlora_ray.measure import Timer
 
 log = logging.getLogger(__name__)
 
-# bitsandbytes' paged/8-bit optimizers run on CUDA and, since bitsandbytes 0.49, on the CPU
-# too; older builds without CPU kernels fall back to the plain optimizer, and the row says so.
+# bitsandbytes' 8-bit optimizers run on CUDA and, since bitsandbytes 0.49, on the CPU; paging
+# (spilling optimizer state to host memory under pressure) is CUDA-only, and bitsandbytes
+# silently drops it on the CPU. Say what actually runs, so the row does not claim paging.
 BNB_OPTIMIZERS = ("paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit")
+CPU_EQUIVALENT = {"paged_adamw_8bit": "adamw_bnb_8bit", "paged_adamw_32bit": "adamw_torch"}
+
+
+def effective_optimizer(requested: str, device: Device) -> str:
+    if device.kind != "cpu" or requested not in BNB_OPTIMIZERS:
+        return requested
+    if not _bnb_has_cpu_optimizers():
+        return "adamw_torch"
+    return CPU_EQUIVALENT.get(requested, requested)
+
+
+def _bnb_has_cpu_optimizers() -> bool:
+    try:
+        import bitsandbytes as bnb
+        from packaging.version import Version
+
+        return Version(bnb.__version__) >= Version("0.49")
+    except Exception:
+        return False
 
 
 @dataclass
@@ -34,22 +54,6 @@ class TrainResult:
     @property
     def tokens_per_second(self) -> float | None:
         return self.tokens / self.seconds if self.seconds > 0 else None
-
-
-def effective_optimizer(requested: str, device: Device) -> str:
-    if requested in BNB_OPTIMIZERS and device.kind == "cpu" and not _bnb_has_cpu_optimizers():
-        return "adamw_torch"
-    return requested
-
-
-def _bnb_has_cpu_optimizers() -> bool:
-    try:
-        import bitsandbytes as bnb
-        from packaging.version import Version
-
-        return Version(bnb.__version__) >= Version("0.49")
-    except Exception:
-        return False
 
 
 def make_trainer(

@@ -126,6 +126,7 @@ def _run_phases(
     from qlora_ray.data import make_collator, prepare_data
     from qlora_ray.measure import MemoryProbe
 
+    _quiet_libraries()
     if num_threads:
         # Two experiments sharing a node's cores must not each spawn a thread per core.
         torch.set_num_threads(num_threads)
@@ -212,6 +213,22 @@ def _run_phases(
     if cfg.train.save_adapter and results:
         state["phase"] = "save"
         row["adapter_path"] = save_adapter(loaded.model, results, spec_name, experiment_id)
+
+
+def _quiet_libraries() -> None:
+    """Keep a grid's output readable: no progress bars or v6-rename notices from every worker."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    # transformers 5 renamed gradient_* to activation_* and warns on each old name, which peft
+    # and the Trainer still use internally; nothing for a user to act on.
+    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6",
+                            category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"torch.utils.checkpoint: the use_reentrant parameter")
 
 
 def _backoff(cfg: ExperimentConfig) -> ExperimentConfig | None:
