@@ -30,12 +30,13 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # python3-venv: the dependencies live in /opt/venv, apart from the distribution's Python
 # packages. rsync + openssh-client: Ray's cluster launcher copies files into the container
 # with `rsync -e "docker exec"` and the head node's autoscaler reaches workers over SSH.
-# Versions are not pinned: they follow the base image's release, and pinned Debian/Ubuntu
-# versions disappear from the mirrors; the Python side is what the lock pins.
+# tini: see ENTRYPOINT. Versions are not pinned: they follow the base image's release, and
+# pinned Debian/Ubuntu versions disappear from the mirrors; the Python side is what the
+# lock pins.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        ca-certificates python3 python3-venv rsync openssh-client \
+        ca-certificates python3 python3-venv rsync openssh-client tini \
     && rm -rf /var/lib/apt/lists/*
 
 # ---------------------------------------------------------------------------------------
@@ -127,5 +128,9 @@ LABEL org.opencontainers.image.title="qlora-ray" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.revision="${QLORA_RAY_GIT_COMMIT}"
 
-ENTRYPOINT ["qlora-ray"]
+# tini as PID 1, qlora-ray its child: when the driver itself is PID 1, Ray's per-worker
+# process-group cleanup takes the raylet down with the first worker that exits (measured:
+# half the quickstart grid failed with LocalRayletDiedError), and nothing reaps orphans.
+# tini forwards `docker stop`'s SIGTERM to qlora-ray, which cancels its tasks cleanly.
+ENTRYPOINT ["tini", "--", "qlora-ray"]
 CMD ["--help"]

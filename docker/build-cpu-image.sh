@@ -18,7 +18,11 @@ cd "$(dirname "$0")/.."
 
 TAG=${1:-localhost/qlora-ray:cpu}
 CACHE=${QLORA_RAY_CI_CACHE:-$HOME/.cache/qlora-ray-ci}
-BASE=${QLORA_RAY_BASE_IMAGE:-localhost/qlora-ray-base:bookworm}
+# Debian packages baked into the base (the Dockerfile's apt step then only refreshes its
+# lists); the base image and its cached rootfs are keyed on this list.
+BASE_PACKAGES=ca-certificates,python3,python3-venv,rsync,openssh-client,tini
+BASE_KEY=$(echo "$BASE_PACKAGES" | sha256sum | cut -c1-8)
+BASE=${QLORA_RAY_BASE_IMAGE:-localhost/qlora-ray-base:bookworm-$BASE_KEY}
 PY=${PYTHON:-.venv/bin/python}
 export CONTAINERS_CONF=${CONTAINERS_CONF:-$PWD/docker/containers.conf}
 mkdir -p "$CACHE"
@@ -34,13 +38,12 @@ debian_mirror() {
 }
 
 if ! podman image exists "$BASE"; then
-  tarball=$CACHE/debian-bookworm-minbase.tar
+  tarball=$CACHE/debian-bookworm-minbase-$BASE_KEY.tar
   if [ ! -s "$tarball" ]; then
     rootfs=$(mktemp -d)
     trap 'rm -rf "$rootfs"' EXIT
     log "debootstrap bookworm from $(debian_mirror) (once; cached as $tarball)"
-    # The Dockerfile's own apt step then finds these installed and only refreshes its lists.
-    debootstrap --variant=minbase --include=ca-certificates,python3,python3-venv,rsync,openssh-client \
+    debootstrap --variant=minbase --include="$BASE_PACKAGES" \
       bookworm "$rootfs" "$(debian_mirror)" >"$CACHE/debootstrap.log" 2>&1 \
       || { tail -20 "$CACHE/debootstrap.log" >&2; exit 1; }
     # HTTPS from inside the build may pass a proxy that re-signs certificates: trust the
@@ -53,6 +56,8 @@ if ! podman image exists "$BASE"; then
     tar -C "$rootfs" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
     rm -rf "$rootfs"
     trap - EXIT
+    # Rootfs tarballs of other package lists only take space.
+    find "$CACHE" -maxdepth 1 -name 'debian-bookworm-minbase-*.tar' ! -name "${tarball##*/}" -delete
   fi
   log "importing $tarball as $BASE"
   podman import --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \

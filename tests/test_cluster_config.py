@@ -122,8 +122,9 @@ def test_every_node_runs_the_project_image_with_token_auth_and_no_secret_in_the_
     assert re.fullmatch(r"[\w.\-/]+/qlora-ray:[\w.\-]+", docker["image"])
     options = shlex.split(" ".join(docker["run_options"]))
     assert "RAY_AUTH_MODE=token" in options
-    # The image's ENTRYPOINT is qlora-ray; the launcher's `docker run ... IMAGE bash` needs it cleared.
-    assert options[options.index("--entrypoint") + 1] == ""
+    # The image's ENTRYPOINT runs qlora-ray; the launcher's `docker run ... IMAGE bash` must run
+    # bash instead, under tini (tests/test_container.py starts a head node this way).
+    assert options[options.index("--entrypoint") + 1] == "tini"
     # The token reaches the nodes as a file, from the user's own ~/.ray/auth_token.
     assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
     text = CLUSTER_YAML.read_text()
@@ -149,7 +150,7 @@ def test_the_launchers_docker_command_for_this_config_is_well_formed(config: dic
     argv = shlex.split(cmd)
     image_at = argv.index(config["docker"]["image"])
     assert argv[image_at + 1:] == ["bash"]
-    assert argv[argv.index("--entrypoint") + 1] == ""
+    assert argv[argv.index("--entrypoint") + 1] == "tini"
     assert "/home/qlora/.ray/auth_token" in cmd
 
 
