@@ -142,12 +142,14 @@ def run_spec(
           f"-> {results.rstrip('/')}/{spec.name}/runs/", file=out)
 
     rows = dict(kept)
+    interrupted = False
     if todo:
-        rows.update(_run_cells(spec, todo, results=results, address=address, max_parallel=max_parallel,
-                               allow_cpu_fallback=allow_cpu_fallback,
-                               unschedulable_timeout=unschedulable_timeout,
-                               cpus_per_task=cpus_per_task, max_retries=max_retries,
-                               num_cpus=num_cpus, out=out))
+        new_rows, interrupted = _run_cells(
+            spec, todo, results=results, address=address, max_parallel=max_parallel,
+            allow_cpu_fallback=allow_cpu_fallback, unschedulable_timeout=unschedulable_timeout,
+            cpus_per_task=cpus_per_task, max_retries=max_retries, num_cpus=num_cpus, out=out,
+        )
+        rows.update(new_rows)
     ordered = [rows[p.experiment_id] for p in plans if p.experiment_id in rows]
     print_summary(ordered, out)
     print(f"results: {results.rstrip('/')}/{spec.name}/runs/  (pandas.read_parquet reads the folder)",
@@ -156,6 +158,8 @@ def run_spec(
     if missing:
         print(f"interrupted: {missing} cell(s) have no row yet; rerun the same command to resume",
               file=out)
+    if interrupted:
+        return 130  # the shell's convention for "stopped by Ctrl-C"
     return 0 if not missing and all(r["status"] == "ok" for r in ordered) else 1
 
 
@@ -252,7 +256,8 @@ def _run_cells(
     max_retries: int,
     num_cpus: int | None,
     out: Any,
-) -> dict[str, dict[str, Any]]:
+) -> tuple[dict[str, dict[str, Any]], bool]:
+    """Submit, wait, write; returns the rows written and whether the run was interrupted."""
     import ray
 
     _prebuild_builtin_models(todo)
@@ -265,6 +270,7 @@ def _run_cells(
     pending = list(todo)
     running: dict[Any, Cell] = {}
     progress = _Progress(len(todo), out)
+    interrupted = False
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)  # `ray job stop`
     try:
         while pending or running:
@@ -295,6 +301,7 @@ def _run_cells(
                           queued=len(pending) + sum(1 for c in running.values()
                                                     if c.experiment_id not in started))
     except KeyboardInterrupt:
+        interrupted = True
         for ref in running:
             ray.cancel(ref, force=True)
         print(f"\ninterrupted: cancelled {len(running)} running experiment(s); "
@@ -303,7 +310,7 @@ def _run_cells(
         signal.signal(signal.SIGTERM, previous_sigterm)
         if embedded:
             ray.shutdown()
-    return rows
+    return rows, interrupted
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

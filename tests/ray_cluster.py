@@ -43,8 +43,15 @@ class LocalCluster:
               dashboard: bool = False) -> None:
         ray_tmp = self.tmp / "r"
         ray_tmp.mkdir(parents=True, exist_ok=True)
+        home = self.tmp / "home"
+        home.mkdir(exist_ok=True)
         self.env = {
             **os.environ,
+            # A ~/.ray/auth_token left by someone's `ray get-auth-token --generate` switches the
+            # head to token auth while `ray start --address` sends none; a private HOME keeps
+            # the test cluster plain. The built-in model cache stays shared.
+            "HOME": str(home),
+            "QLORA_RAY_CACHE": os.environ.get("QLORA_RAY_CACHE", str(Path.home() / ".cache" / "qlora-ray")),
             "RAY_TMPDIR": str(ray_tmp),
             "TMPDIR": str(ray_tmp),
             # The job driver and workers find qlora-ray and python on PATH, as in the image.
@@ -62,14 +69,19 @@ class LocalCluster:
                     f"--dashboard-port={self.dashboard_port}"]
         else:
             cmd.append("--include-dashboard=false")
-        subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=120)
+        self._run(cmd)
+
+    def _run(self, cmd: list[str]) -> None:
+        proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
     def add_node(self, *, num_cpus: int, num_gpus: int = 0, resources: dict[str, float] | None = None) -> None:
         cmd = [str(BIN / "ray"), "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
                f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"]
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")
-        subprocess.run(cmd, env=self.env, check=True, capture_output=True, timeout=120)
+        self._run(cmd)
         time.sleep(1)
 
     def stop(self) -> None:

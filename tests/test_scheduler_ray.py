@@ -129,6 +129,25 @@ def test_killed_driver_then_rerun_gives_one_row_per_experiment(cluster, tmp_path
     assert again.returncode == 0 and "0 to run" in again.stdout
 
 
+def test_ctrl_c_stops_cleanly_and_keeps_written_rows(cluster, tmp_path):
+    spec = write_spec(tmp_path / "sigint.yaml", "sigint", grid={"lora.r": [2, 4, 8]})
+    results = tmp_path / "results"
+    runs = results / "sigint" / "runs"
+    args = [str(BIN / "qlora-ray"), "run", str(spec), "--results", str(results),
+            "--address", cluster.address, "--max-parallel", "1"]
+    driver = subprocess.Popen(args, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not list(runs.glob("*.parquet")):
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGINT)
+    output, _ = driver.communicate(timeout=60)
+    assert driver.returncode == 130, output
+    assert "interrupted: cancelled 1 running experiment(s)" in output
+    assert "rerun the same command to resume" in output
+    df = read_runs(results, "sigint")  # what was written is whole and readable
+    assert 1 <= len(df) < 3 and (df.status == "ok").all()
+
+
 def test_ray_job_submit_runs_the_quickstart(cluster, tmp_path):
     results = tmp_path / "job-results"
     proc = subprocess.run(

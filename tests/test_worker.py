@@ -21,7 +21,8 @@ def fast(**overrides) -> ExperimentConfig:
         "name": "fast",
         "dataset": {"path": DATA, "eval_size": 8},
         "quant": {"compute_dtype": "float32"},
-        "train": {"max_steps": 2, "batch_size": 2, "optim": "adamw_torch", "logging_steps": 1},
+        "train": {"max_steps": 2, "batch_size": 2, "optim": "adamw_torch", "logging_steps": 1,
+                  "learning_rate": 2e-3},
         "eval": {"max_new_tokens": 2, "max_samples": 4, "batch_size": 4},
     }
     cfg = from_dict(ExperimentConfig, base)
@@ -135,10 +136,11 @@ def test_8bit_and_16bit_baselines_run(bits):
     assert out.row["train_steps"] == 2
 
 
-def test_training_lowers_the_loss(ok_run):
+def test_training_lowers_the_held_out_loss(ok_run):
+    # The eval loss over the same held-out rows, not single training batches, whose loss
+    # depends on which tasks happen to land in them.
     row = ok_run.row
-    assert row["eval_loss"] < row["eval_loss_before"]
-    assert row["train_loss_last"] < row["train_loss_first"]
+    assert row["eval_loss"] < row["eval_loss_before"] - 0.1
 
 
 # ------------------------------------------------------------------------------ failures
