@@ -19,7 +19,7 @@ logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 import torch  # noqa: E402
 from peft import LoraConfig as PeftLoraConfig  # noqa: E402
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed  # noqa: E402
 
 from qlora_ray.config import BUILTIN_PREFIX, ExperimentConfig  # noqa: E402
 from qlora_ray.device import Device, check_attention  # noqa: E402
@@ -99,6 +99,9 @@ def load(cfg: ExperimentConfig, device: Device, compute_dtype: str) -> LoadedMod
         model.gradient_checkpointing_enable()
         model.enable_input_require_grads()
 
+    # The adapters' A matrices are drawn here, before the Trainer seeds anything: seed now,
+    # or two runs of one cell start from different adapters.
+    set_seed(cfg.train.seed)
     lora = cfg.lora
     targets = lora.target_modules if isinstance(lora.target_modules, str) else list(lora.target_modules)
     peft_model = get_peft_model(

@@ -280,3 +280,11 @@ def test_the_quickstart_qlora_cell_learns():
     assert row["similarity_score"] < row["similarity_score_before"] - 0.3
     assert row["accuracy"] >= 0.6  # three balanced labels: chance is 1/3
     assert row["accuracy_before"] < 0.2  # the base model does not answer in the format
+
+
+def test_a_cell_is_reproducible():
+    """Same config, same seed: same adapters, same data order, same numbers."""
+    cfg = fast(**{"train.max_steps": 4})
+    a, b = run(cfg).row, run(cfg).row
+    for col in ("train_loss", "eval_loss", "similarity_score"):
+        assert a[col] == b[col], col
