@@ -247,7 +247,14 @@ def read_run_rows(results: str, spec_name: str) -> dict[str, dict[str, Any]]:
 
 
 def read_runs_table(folder: str, schema: pa.Schema = RUN_SCHEMA) -> tuple[pa.Table, list[str]]:
-    """Every readable part file in `folder` cast to `schema`, plus a message per bad file."""
+    """Every readable run file in `folder` cast to `schema`, plus a message per bad file."""
+    return read_folder(folder, schema, required=("experiment_id", "status"), kind="qlora-ray")
+
+
+def read_folder(
+    folder: str, schema: pa.Schema, required: tuple[str, ...], kind: str
+) -> tuple[pa.Table, list[str]]:
+    """Part files of one kind: the readable ones cast to `schema`, and why the others were not."""
     fs, base = resolve(folder)
     tables: list[pa.Table] = []
     bad: list[str] = []
@@ -255,9 +262,9 @@ def read_runs_table(folder: str, schema: pa.Schema = RUN_SCHEMA) -> tuple[pa.Tab
         try:
             with fs.open_input_file(path) as f:
                 table = pq.read_table(f)
-            missing = [n for n in ("experiment_id", "status") if n not in table.column_names]
+            missing = [n for n in required if n not in table.column_names]
             if missing:
-                bad.append(f"{path}: not a qlora-ray file (no {', '.join(missing)} column)")
+                bad.append(f"{path}: not a {kind} file (no {', '.join(missing)} column)")
                 continue
             tables.append(_conform(table, schema))
         except (OSError, pa.ArrowException) as e:
@@ -386,24 +393,6 @@ def _samples_folder(path: str) -> str | None:
     raise FileNotFoundError(f"no results at {path}: expected RESULTS/<spec name> or its samples/ folder")
 
 
-def _read_samples_table(folder: str) -> tuple[pa.Table, list[str]]:
-    # read_runs_table insists on a `status` column, which sample files do not have.
-    fs, base = resolve(folder)
-    tables: list[pa.Table] = []
-    bad: list[str] = []
-    for file in _parquet_files(fs, base):
-        try:
-            with fs.open_input_file(file) as f:
-                table = pq.read_table(f)
-            if JOIN_KEY not in table.column_names:
-                bad.append(f"{file}: not a qlora-ray samples file (no {JOIN_KEY} column)")
-                continue
-            tables.append(_conform(table, SAMPLE_SCHEMA))
-        except (OSError, pa.ArrowException) as e:
-            bad.append(f"{file}: {e}")
-    return (pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table()), bad
-
-
 def load_samples(path: str | os.PathLike[str]) -> Any:
     """Per-sample generations under `path` (spec folder, its runs/ or samples/ folder).
 
@@ -414,6 +403,8 @@ def load_samples(path: str | os.PathLike[str]) -> Any:
     Bad files are reported with a `ResultsWarning`, as in `load`.
     """
     folder = _samples_folder(os.fspath(path))
-    table, bad = (SAMPLE_SCHEMA.empty_table(), []) if folder is None else _read_samples_table(folder)
+    table, bad = (SAMPLE_SCHEMA.empty_table(), []) if folder is None else read_folder(
+        folder, SAMPLE_SCHEMA, required=(JOIN_KEY,), kind="qlora-ray samples"
+    )
     _warn_bad(bad)
     return _to_frame(table, {"phase": ["before", "after"]})

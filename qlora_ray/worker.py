@@ -168,11 +168,7 @@ def _run_phases(
         if cfg.eval.before and not evaluated_before:
             # LoRA's B matrices start at zero, so this is the base model's own behaviour.
             state["phase"] = "eval"
-            before = ev.evaluate(
-                loaded.model, loaded.tokenizer, data.eval_prompts, data.eval_references, data.labels,
-                max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                embedder=embedder, phase="before",
-            )
+            before = _evaluate(ev, loaded, data, cfg, embedder, "before")
             samples.extend(before.samples)
             row.update(similarity_score_before=before.similarity_score,
                        accuracy_before=before.accuracy, f1_before=before.f1,
@@ -202,17 +198,21 @@ def _run_phases(
                train_loss_first=result.loss_first, train_loss_last=result.loss_last)
 
     state["phase"] = "eval"
-    after = ev.evaluate(
-        loaded.model, loaded.tokenizer, data.eval_prompts, data.eval_references, data.labels,
-        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-        embedder=embedder, phase="after",
-    )
+    after = _evaluate(ev, loaded, data, cfg, embedder, "after")
     samples.extend(after.samples)
     row.update(similarity_score=after.similarity_score, accuracy=after.accuracy, f1=after.f1,
                eval_loss=_finite(training.eval_loss(trainer)), eval_seconds=after.seconds)
     if cfg.train.save_adapter and results:
         state["phase"] = "save"
         row["adapter_path"] = save_adapter(loaded.model, results, spec_name, experiment_id)
+
+
+def _evaluate(ev: Any, loaded: Any, data: Any, cfg: ExperimentConfig, embedder: Any, phase: str) -> Any:
+    return ev.evaluate(
+        loaded.model, loaded.tokenizer, data.eval_prompts, data.eval_references, data.labels,
+        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+        embedder=embedder, phase=phase,
+    )
 
 
 def _quiet_libraries() -> None:
