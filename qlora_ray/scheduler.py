@@ -108,6 +108,12 @@ def run_spec(
     """Run a spec; returns the exit code (0 when every cell has an `ok` row)."""
     out = out or sys.stdout
     spec = load_spec(spec_path)  # every spec problem is raised here, before any work
+    # Pin down where we are before Ray starts: under `ray job submit` the working directory
+    # is a package Ray may re-extract in place (another raylet on the same machine sharing
+    # the session folder), after which this process's cwd no longer exists.
+    cwd = os.getcwd()
+    if "://" not in results:
+        results = os.path.abspath(results)
 
     # Plan first: cells that cannot run as specified stop the run before Ray starts.
     from qlora_ray.planner import plan_spec
@@ -147,7 +153,7 @@ def run_spec(
         new_rows, interrupted = _run_cells(
             spec, todo, results=results, address=address, max_parallel=max_parallel,
             allow_cpu_fallback=allow_cpu_fallback, unschedulable_timeout=unschedulable_timeout,
-            cpus_per_task=cpus_per_task, max_retries=max_retries, num_cpus=num_cpus, out=out,
+            cpus_per_task=cpus_per_task, max_retries=max_retries, num_cpus=num_cpus, cwd=cwd, out=out,
         )
         rows.update(new_rows)
     ordered = [rows[p.experiment_id] for p in plans if p.experiment_id in rows]
@@ -255,6 +261,7 @@ def _run_cells(
     cpus_per_task: int,
     max_retries: int,
     num_cpus: int | None,
+    cwd: str,
     out: Any,
 ) -> tuple[dict[str, dict[str, Any]], bool]:
     """Submit, wait, write; returns the rows written and whether the run was interrupted."""
@@ -283,7 +290,7 @@ def _run_cells(
                 if cell.profile is not None and cell.profile.is_gpu and cell.profile.ray_accelerator_type:
                     options["accelerator_type"] = cell.profile.ray_accelerator_type
                 cell.ref = task.options(**options).remote(
-                    _payload(cell, spec, results, allow_cpu_fallback, cpus_per_task), tracker)
+                    _payload(cell, spec, results, allow_cpu_fallback, cpus_per_task, cwd), tracker)
                 cell.submitted_at = time.monotonic()
                 running[cell.ref] = cell
 
@@ -326,7 +333,9 @@ def _safe_get(ref: Any) -> Any:
         return None
 
 
-def _payload(cell: Cell, spec: Spec, results: str, allow_cpu_fallback: bool, cpus: int) -> dict[str, Any]:
+def _payload(
+    cell: Cell, spec: Spec, results: str, allow_cpu_fallback: bool, cpus: int, cwd: str
+) -> dict[str, Any]:
     return {
         "config": to_dict(cell.config),
         "experiment_id": cell.experiment_id,
@@ -338,7 +347,7 @@ def _payload(cell: Cell, spec: Spec, results: str, allow_cpu_fallback: bool, cpu
         "allow_cpu_fallback": allow_cpu_fallback,
         "num_threads": cpus,
         "attempt": cell.attempt,
-        "cwd": os.getcwd(),
+        "cwd": cwd,
     }
 
 
