@@ -129,6 +129,28 @@ def test_killed_driver_then_rerun_gives_one_row_per_experiment(cluster, tmp_path
     assert again.returncode == 0 and "0 to run" in again.stdout
 
 
+def test_a_worker_process_that_dies_is_retried(cluster, tmp_path):
+    spec = write_spec(tmp_path / "crash.yaml", "crash", runs=[{"name": "victim", "train.max_steps": 60}])
+    results = tmp_path / "results"
+    args = [str(BIN / "qlora-ray"), "run", str(spec), "--results", str(results), "--address", cluster.address]
+    driver = subprocess.Popen(args, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = None
+    deadline = time.monotonic() + 120
+    while killed is None and time.monotonic() < deadline:
+        # Ray titles a task's process `ray::<task name>`; the driver names tasks qlora-ray:<cell>.
+        found = subprocess.run(["pgrep", "-f", "ray::qlora-ray:victim"], capture_output=True, text=True).stdout.split()
+        if found:
+            time.sleep(3)  # let it get into the model load
+            killed = int(found[0])
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.2)
+    output, _ = driver.communicate(timeout=300)
+    assert killed is not None, "the task's process never showed up"
+    assert driver.returncode == 0, output
+    row = read_runs(results, "crash").iloc[0]
+    assert row.status == "ok" and row.worker_pid != killed  # a new process ran it again
+
+
 def test_ctrl_c_stops_cleanly_and_keeps_written_rows(cluster, tmp_path):
     spec = write_spec(tmp_path / "sigint.yaml", "sigint", grid={"lora.r": [2, 4, 8]})
     results = tmp_path / "results"
