@@ -162,6 +162,8 @@ def _run_phases(
             loaded.model, loaded.tokenizer, data.train, data.eval, make_collator(loaded.tokenizer),
             run_cfg, device, compute_dtype, run_cfg.train.batch_size, run_cfg.train.grad_accum,
         )
+        # The hub commit the weights came from (a branch name like `main` moves).
+        row["model_revision"] = getattr(loaded.model.config, "_commit_hash", None) or cfg.model.revision
         row.update(trainable_params=loaded.trainable_params, total_params=loaded.total_params,
                    optim_effective=str(trainer.args.optim.value),
                    labels=",".join(data.labels or []) or None, eval_samples=len(data.eval_prompts))

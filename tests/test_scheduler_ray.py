@@ -86,6 +86,16 @@ def test_gpu_cells_one_gpu_each_fresh_process_right_node_and_unschedulable(clust
 
     assert "T4-r4" in proc.stdout and "unschedulable" in proc.stdout  # the summary table
 
+    # --retry-failed tries only the cells that are not ok, as a second attempt
+    ok_files = {p: p.stat().st_mtime_ns for p in (results / "gpus" / "runs").glob("*.parquet")
+                if p.stem in set(ok.experiment_id)}
+    again = cluster.qlora_ray("run", str(spec), "--results", str(results), "--address", cluster.address,
+                              "--allow-cpu-fallback", "--unschedulable-timeout", "2", "--retry-failed")
+    assert "4 already have a row, 2 to run" in again.stdout, again.stdout + again.stderr
+    df = read_runs(results, "gpus")
+    assert df.set_index("gpu").loc["H100", "attempt"].tolist() == [2, 2]
+    assert all(p.stat().st_mtime_ns == m for p, m in ok_files.items())
+
 
 def test_gpu_cell_without_cuda_is_a_failed_row_by_default(cluster, tmp_path):
     spec = write_spec(tmp_path / "nofallback.yaml", "nofallback", grid={"gpu": ["T4"]})

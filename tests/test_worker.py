@@ -288,3 +288,15 @@ def test_a_cell_is_reproducible():
     a, b = run(cfg).row, run(cfg).row
     for col in ("train_loss", "eval_loss", "similarity_score"):
         assert a[col] == b[col], col
+
+
+def test_a_fixed_embedder_scores_before_and_after_with_the_same_model():
+    """`eval.similarity.embedder: <path>` embeds both phases with one fixed model (here the
+    untrained tiny model itself, from its local folder), and the row says which."""
+    from qlora_ray.modeling import resolve_model_path
+
+    path = resolve_model_path("builtin:tiny-llama")
+    row = run(fast(**{"eval.similarity.embedder": path, "train.max_steps": 8})).row
+    assert row["status"] == "ok", row["error"]
+    assert row["embedder"] == path
+    assert 0 <= row["similarity_score"] <= 2 and 0 <= row["similarity_score_before"] <= 2
