@@ -114,13 +114,15 @@ COPY --chown=${QLORA_UID}:${QLORA_GID} experiments /workspace/experiments
 # caches (a named volume keeps downloads across runs).
 VOLUME ["/workspace/results", "/cache"]
 
-USER ${QLORA_UID}:${QLORA_GID}
-
-# Last, so a new commit or tag rebuilds nothing above.
-# Pass both (docker/build-cpu-image.sh does): the tag users pull, and `git rev-parse HEAD`.
-# An empty commit leaves the rows' git_commit null rather than wrong.
+# Last, so a new commit or tag rebuilds nothing above. Pass both (docker/build-cpu-image.sh
+# does): the tag users pull, and `git rev-parse HEAD`. An empty commit leaves the rows'
+# git_commit null rather than wrong.
 ARG QLORA_RAY_IMAGE=qlora-ray
 ARG QLORA_RAY_GIT_COMMIT=
+# podman's layer cache matches ENV and LABEL on their text, not on the build-arg values in
+# them (it does key RUN on those values): this RUN makes a new tag or commit rebuild the
+# lines below instead of reusing stale ones. The file is the same record for humans.
+RUN printf 'image=%s\ngit_commit=%s\n' "${QLORA_RAY_IMAGE}" "${QLORA_RAY_GIT_COMMIT}" > /etc/qlora-ray-build
 ENV QLORA_RAY_IMAGE=${QLORA_RAY_IMAGE} \
     QLORA_RAY_GIT_COMMIT=${QLORA_RAY_GIT_COMMIT}
 LABEL org.opencontainers.image.title="qlora-ray" \
@@ -128,9 +130,13 @@ LABEL org.opencontainers.image.title="qlora-ray" \
       org.opencontainers.image.licenses="Apache-2.0" \
       org.opencontainers.image.revision="${QLORA_RAY_GIT_COMMIT}"
 
-# tini as PID 1, qlora-ray its child: when the driver itself is PID 1, Ray's per-worker
-# process-group cleanup takes the raylet down with the first worker that exits (measured:
-# half the quickstart grid failed with LocalRayletDiedError), and nothing reaps orphans.
-# tini forwards `docker stop`'s SIGTERM to qlora-ray, which cancels its tasks cleanly.
+USER ${QLORA_UID}:${QLORA_GID}
+
+# tini as PID 1 with qlora-ray as its child (what `docker run --init` would add): the Ray
+# driver spawns the raylet, GCS and workers, and Ray asks for a real init when it runs in
+# a container: PID 1 must reap orphaned processes (workers' children end up there), and a
+# bare PID 1 ignores SIGTERM/SIGINT it has no handler for, so `docker stop` during `plan`
+# or Ray's start-up would wait out the kill timeout. tini forwards the signal to qlora-ray,
+# whose run loop cancels its tasks and keeps the rows already written.
 ENTRYPOINT ["tini", "--", "qlora-ray"]
 CMD ["--help"]

@@ -54,7 +54,7 @@ def test_runs_as_a_numeric_non_root_user_with_the_cli_as_entry_point() -> None:
     # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
     assert _instructions("USER") == ["${QLORA_UID}:${QLORA_GID}"]
     assert re.search(r"^ARG QLORA_UID=(\d+)$", DOCKERFILE, re.M).group(1) != "0"
-    # qlora-ray under tini: a Ray driver must not be PID 1 (see the Dockerfile's comment).
+    # qlora-ray under tini, an init that reaps Ray's orphans (see the Dockerfile's comment).
     assert _instructions("ENTRYPOINT") == ['["tini", "--", "qlora-ray"]']
 
 
