@@ -132,11 +132,11 @@ LABEL org.opencontainers.image.title="qlora-ray" \
 
 USER ${QLORA_UID}:${QLORA_GID}
 
-# tini as PID 1 with qlora-ray as its child (what `docker run --init` would add): the Ray
-# driver spawns the raylet, GCS and workers, and Ray asks for a real init when it runs in
-# a container: PID 1 must reap orphaned processes (workers' children end up there), and a
-# bare PID 1 ignores SIGTERM/SIGINT it has no handler for, so `docker stop` during `plan`
-# or Ray's start-up would wait out the kill timeout. tini forwards the signal to qlora-ray,
-# whose run loop cancels its tasks and keeps the rows already written.
+# tini as PID 1 with qlora-ray as its child (what `docker run --init` would add). The Ray
+# driver starts the raylet, GCS and workers; processes they orphan are re-parented to
+# PID 1, which must reap them, and a bare PID 1 ignores the SIGTERM/SIGINT it has no
+# handler for, so `docker stop` during `plan` or Ray's start-up would wait out the kill
+# timeout. tini forwards the signal to qlora-ray, whose run loop cancels its tasks and
+# keeps the rows already written.
 ENTRYPOINT ["tini", "--", "qlora-ray"]
 CMD ["--help"]
