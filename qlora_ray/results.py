@@ -18,8 +18,9 @@ filled in, so files from different runs and versions always concatenate.
 from __future__ import annotations
 
 import io
+import os
 import uuid
-from collections.abc import Iterable
+import warnings
 from typing import Any
 
 import pyarrow as pa
@@ -171,18 +172,7 @@ def resolve(results: str) -> tuple[pafs.FileSystem, str]:
     if "://" in results:
         fs, path = pafs.FileSystem.from_uri(results)
         return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), _abspath(results)
-
-
-def _abspath(path: str) -> str:
-    import os
-
-    return os.path.abspath(path)
-
-
-def spec_dir(results: str, spec_name: str) -> str:
-    """RESULTS/<spec name> as a string in the same form the user gave (path or URI)."""
-    return f"{results.rstrip('/')}/{spec_name}"
+    return pafs.LocalFileSystem(), os.path.abspath(results)
 
 
 def _write_atomic(fs: pafs.FileSystem, folder: str, filename: str, table: pa.Table) -> str:
@@ -285,22 +275,11 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=schema)
 
 
-def iter_statuses(rows: Iterable[dict[str, Any]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[row["status"]] = counts.get(row["status"], 0) + 1
-    return counts
-
-
 # ---------------------------------------------------------------------------------------
 # pandas helpers: `load(path)` / `load_samples(path)`.
 #
 # pandas is imported inside the functions: the driver and the workers import this module
 # and should not pay for pandas to write a row.
-
-# Appended block: these imports sit here so the top of the file stays as its owner wrote it.
-import os  # noqa: E402
-import warnings  # noqa: E402
 
 JOIN_KEY = "experiment_id"
 """The column that joins runs to samples (and a rerun's row to the cell it replaces)."""
