@@ -210,6 +210,10 @@ def ensure_builtin(name: str, cache_dir: str | Path | None = None) -> Path:
         try:
             tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache must be readable
             _build(name, tmp)
+            # safetensors writes its file owner-only; another user (a container's uid)
+            # sharing the cache must be able to read the weights too.
+            for file in tmp.iterdir():
+                file.chmod(0o644)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -200,6 +200,14 @@ def test_concurrent_callers_build_once_and_get_the_same_directory(fresh_cache):
     assert entries == [Path(fresh_cache["paths"][0]).name]  # no temp dirs left over
 
 
+def test_a_shared_cache_is_readable_by_other_users(fresh_cache):
+    """A container running as another uid reuses the host's cache: every file is world-readable."""
+    built = Path(fresh_cache["paths"][0])
+    assert built.stat().st_mode & 0o005 == 0o005
+    assert all(f.stat().st_mode & 0o004 for f in built.iterdir()), [
+        (f.name, oct(f.stat().st_mode)) for f in built.iterdir()]
+
+
 def test_second_call_reuses_the_cache_without_building(fresh_cache, monkeypatch):
     def must_not_build(name, out):
         raise AssertionError("rebuilt a cached model")
