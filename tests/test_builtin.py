@@ -192,6 +192,7 @@ def fresh_cache(tmp_path_factory) -> dict:
             "paths": [out.strip() for out, _ in outs], "logs": "".join(err for _, err in outs)}
 
 
+@pytest.mark.slow
 def test_concurrent_callers_build_once_and_get_the_same_directory(fresh_cache):
     assert fresh_cache["paths"][0] == fresh_cache["paths"][1]
     assert fresh_cache["logs"].count("building builtin:tiny-llama") == 1

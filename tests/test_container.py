@@ -38,7 +38,7 @@ import pandas as pd
 import pytest
 import yaml
 
-pytestmark = [pytest.mark.container, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.slow, pytest.mark.container, pytest.mark.timeout(2400)]
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

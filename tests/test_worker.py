@@ -265,6 +265,7 @@ def test_an_eval_pass_does_not_break_gradients_through_4bit_layers():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_quickstart_qlora_cell_learns():
     """Issue acceptance: 4-bit NF4 + double quantization on the tiny model, shipped data,
     the quickstart recipe: similarity improves and label accuracy is clearly above chance."""
