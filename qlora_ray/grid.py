@@ -19,6 +19,7 @@ Every problem in the spec is collected and raised at once as a `ConfigError`.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import re
@@ -35,7 +36,7 @@ from qlora_ray.config import (
     problem,
     set_dotted,
 )
-from qlora_ray.profiles import GpuProfile, get_profile, preset_overrides
+from qlora_ray.profiles import GpuProfile, get_profile, preset_overrides, speed_problems
 
 SPEC_KEYS = ("name", "base", "grid", "paired", "seeds", "exclude", "runs", "profiles", "description",
              "preset")
@@ -259,14 +260,15 @@ def _profiles(raw: Any, problems: list[str]) -> dict[str, GpuProfile]:
                                   "ray_accelerator_type": str(name)}
         try:
             base = get_profile(str(name), key=f"profiles.{name}")
-            merged.update({k: getattr(base, k) for k in
-                           ("total_mib", "bf16", "flash_attention", "ray_accelerator_type",
-                            "compute_capability")})
+            # Every field but the name: memory, capabilities, speed and price.
+            merged.update({f.name: getattr(base, f.name) for f in dataclasses.fields(base)
+                           if f.name != "name"})
         except ConfigError:
             pass  # a new card: its fields must all be given
         merged.update(fields)
         try:
             out[str(name)] = GpuProfile(name=str(name), **merged)
+            problems.extend(speed_problems(out[str(name)], f"profiles.{name}"))
         except TypeError as e:
             problems.append(problem(f"profiles.{name}", fields, f"is not a valid profile ({e})",
                                     "give total_mib, bf16, flash_attention, ray_accelerator_type"))

@@ -8,6 +8,7 @@ imports neither torch nor Ray nor pandas, so planning 1,000 cells takes about a 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -20,6 +21,8 @@ from qlora_ray.config import BUILTIN_PREFIX, ConfigError, ExperimentConfig, prob
 from qlora_ray.grid import Spec, load_spec
 from qlora_ray.memory import Architecture, architecture, estimate, largest_batch
 from qlora_ray.profiles import GpuProfile, capability_problems, get_profile, resolve_compute_dtype
+from qlora_ray.timing import Factors, TimePrediction, predict
+from qlora_ray.workload import data_lengths
 
 MODEL_CONFIGS_ENV = "QLORA_RAY_MODEL_CONFIGS"
 # `batch_size: auto` leaves this share of the card free: the caching allocator fragments,
@@ -29,6 +32,10 @@ AUTO_BATCH_LIMIT = 256
 # `auto` on a cell without a GPU profile has nothing to size against: TrainConfig's default.
 AUTO_BATCH_UNBOUNDED = 4
 GiB = 1024**3
+# The time and cost fields of `--json` (and of result rows), null when a cell has no prediction.
+TIME_KEYS = ("predicted_tokens_per_second", "predicted_seconds", "predicted_eval_seconds",
+             "predicted_gpu_seconds", "predicted_usd", "usd_per_hour", "predicted_train_tokens",
+             "predicted_steps", "time_efficiency", "time_calibration")
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,8 @@ class CellPlan:
     """Why the cell cannot run as specified; empty when it can."""
     notes: list[str] = field(default_factory=list)
     """Things worth knowing that do not stop the cell (e.g. the OOM back-off it will need)."""
+    time: TimePrediction | None = None
+    """Predicted training time, GPU time and cost (None: no data or no speed numbers)."""
 
     @property
     def headroom(self) -> float | None:
@@ -75,6 +84,7 @@ class CellPlan:
             "gpu_memory_bytes": self.profile.usable_bytes if self.profile and self.profile.is_gpu else None,
             "headroom": None if self.headroom is None else round(self.headroom, 4),
             "notes": list(self.notes),
+            **(self.time.to_json() if self.time is not None else dict.fromkeys(TIME_KEYS)),
         }
 
 
@@ -147,17 +157,47 @@ def _read_json(path: Path, name: str) -> dict[str, Any]:
 # planning
 
 
-def plan_spec(spec: Spec, *, model_configs: Sequence[str | Path] = ()) -> list[CellPlan]:
-    """One CellPlan per cell, in the spec's order. Reads each model's config.json once."""
+def plan_spec(
+    spec: Spec, *, model_configs: Sequence[str | Path] = (), calibration: Any = None,
+) -> list[CellPlan]:
+    """One CellPlan per cell, in the spec's order. Reads each model's config.json once.
+
+    `calibration` (anything with `factors(cfg, arch, profile) -> timing.Factors`, e.g. a
+    loaded calibration file) replaces the default efficiency of the time prediction.
+    """
     archs: dict[tuple[str, str | None], Architecture] = {}
     plans: list[CellPlan] = []
+    search = [*model_configs, *filter(None, os.environ.get(MODEL_CONFIGS_ENV, "").split(os.pathsep))]
     for cfg in spec.cells:
         key = (cfg.model.name, cfg.model.revision)
         if key not in archs:
             archs[key] = architecture(
                 load_model_config(cfg.model.name, cfg.model.revision, model_configs), cfg.model.name)
-        plans.append(plan_cell(cfg, archs[key], spec.profiles))
+        plan = plan_cell(cfg, archs[key], spec.profiles)
+        time, note = plan_time(plan, archs[key], spec.profiles, search, calibration)
+        plans.append(dataclasses.replace(plan, time=time, notes=[*plan.notes, *filter(None, [note])]))
     return plans
+
+
+def plan_time(
+    plan: CellPlan, arch: Architecture, profiles: dict[str, GpuProfile] | None,
+    search: Sequence[str | Path], calibration: Any = None,
+) -> tuple[TimePrediction | None, str | None]:
+    """The cell's predicted time and cost, or why there is none."""
+    profile = plan.profile or get_profile("cpu", profiles)
+    lengths = data_lengths(plan.config, search)
+    if lengths is None:
+        return None, (f"no time prediction: dataset.path {plan.config.dataset.path!r} is not a local "
+                      "file to count tokens in")
+    factors = calibration.factors(plan.config, arch, profile) if calibration is not None else Factors()
+    time = predict(plan.config, arch, profile, lengths, batch_size=plan.batch_size, factors=factors)
+    if time is None:
+        return None, (f"no time prediction: profile {profile.name} has no peak_tflops / "
+                      "memory_bandwidth_gbs; set them under `profiles:`")
+    if lengths.estimated:
+        return time, (f"token counts estimated at 4 bytes of text per token: no tokenizer.json for "
+                      f"{plan.config.model.name} found locally (put it next to its config.json)")
+    return time, None
 
 
 def plan_cell(
@@ -271,6 +311,8 @@ def main(args: argparse.Namespace) -> int:
     summary = (f"{spec.name}: {len(plans)} cells, {sum(p.fits for p in plans)} fit, "
                f"{len(blocked)} cannot run as specified")
     out = sys.stderr if args.json else sys.stdout
+    if args.json:
+        print(total_line(plans), file=out)
     print(summary, file=out)
     if blocked and args.skip_unfit:
         print(f"--skip-unfit: `qlora-ray run --skip-unfit` will record those {len(blocked)} cells "
@@ -280,26 +322,68 @@ def main(args: argparse.Namespace) -> int:
 
 
 def render_table(plans: list[CellPlan]) -> str:
-    header = ("name", "gpu", "bs", "dtype", "pred GiB", "GPU GiB", "headroom", "fits", "problems")
+    header = ("name", "gpu", "bs", "dtype", "pred GiB", "GPU GiB", "headroom", "fits", "train",
+              "GPU h", "$", "problems")
     rows = [header]
     for p in plans:
         gpu_gib = p.profile.usable_bytes / GiB if p.profile and p.profile.is_gpu else None
+        t = p.time
         rows.append((
             p.name, p.gpu or "-", str(p.batch_size), p.compute_dtype,
             f"{p.predicted_peak_bytes / GiB:.2f}" if p.predicted_peak_bytes is not None else "-",
             f"{gpu_gib:.1f}" if gpu_gib is not None else "-",
             f"{p.headroom:+.0%}" if p.headroom is not None else "-",
             "yes" if p.fits else "NO",
+            hms(t.train_seconds) if t else "-",
+            _small(t.gpu_seconds / 3600) if t else "-",
+            _small(t.usd) if t and t.usd is not None else "-",
             str(len(p.problems)) if p.problems else "",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) if i in (0, 1, 3) else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(total_line(plans))
     detail = [f"  {p.name}: {msg}" for p in plans for msg in p.problems]
-    detail_notes = [f"  {p.name}: {msg}" for p in plans for msg in p.notes]
     if detail:
         lines += ["", "problems (these cells cannot run as specified):", *detail]
-    if detail_notes:
-        lines += ["", "notes:", *detail_notes]
+    notes = _grouped((p.name, msg) for p in plans for msg in p.notes)
+    if notes:
+        lines += ["", "notes:", *notes]
     return "\n".join(lines)
+
+
+def total_line(plans: list[CellPlan]) -> str:
+    """The grid's predicted GPU-hours and dollars (cells without a price or time are named)."""
+    timed = [p.time for p in plans if p.time is not None]
+    hours = sum(t.gpu_seconds for t in timed) / 3600
+    priced = [t.usd for t in timed if t.usd is not None]
+    text = f"total: {hours:.2f} GPU-hours"
+    text += f" (training {sum(t.train_seconds for t in timed) / 3600:.2f})"
+    if priced:
+        text += f", ${sum(priced):,.2f}"
+    unpriced = sum(1 for p in plans if p.time is not None and p.time.usd is None
+                   and p.profile is not None and p.profile.is_gpu)
+    if unpriced:
+        text += f"; {unpriced} cell(s) have no price (set usd_per_hour under `profiles:`)"
+    if len(timed) < len(plans):
+        text += f"; {len(plans) - len(timed)} cell(s) have no time prediction (see notes)"
+    return text
+
+
+def _grouped(pairs: Any) -> list[str]:
+    """One line per distinct note; a note many cells share names the first and counts the rest."""
+    by_message: dict[str, list[str]] = {}
+    for name, message in pairs:
+        by_message.setdefault(message, []).append(name)
+    return [f"  {names[0]}: {msg}" if len(names) == 1 else f"  {names[0]} and {len(names) - 1} more: {msg}"
+            for msg, names in by_message.items()]
+
+
+def _small(x: float) -> str:
+    return "<0.01" if 0 < x < 0.005 else f"{x:,.2f}"
+
+
+def hms(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

@@ -11,6 +11,16 @@ so the whole of it is `usable_bytes`.
 `V100-32G`), which a node only has when it is started with
 `--resources='{"accelerator_type:A100-40G": 1}'` (the shipped `ray_cluster.yaml` does this
 for its A100 node types).
+
+Speed and price, for the time and cost prediction (`throughput.py`, docs/time.md):
+`peak_tflops` is the card's dense (no sparsity) FP16/BF16 tensor-core peak, `peak_fp32_tflops`
+its plain FP32 peak and `memory_bandwidth_gbs` its memory bandwidth, all from NVIDIA's
+datasheets (the SXM variants where a card has several: the ones AWS rents); the A10G, an
+AWS-only variant of the A10, from Baseten's comparison of the two (2023). `usd_per_hour`
+is the AWS EC2 On-Demand list price (us-east-1, Linux) of the instance type the shipped
+`ray_cluster.yaml` uses for the card, per GPU, as published in 2024; AWS lowered the
+P4d/P4de/P5 (A100, H100) On-Demand prices in June 2025, so those two are high now. Cards
+AWS does not rent have no price: set one under the spec's `profiles:` to get dollars.
 """
 
 from __future__ import annotations
@@ -31,6 +41,16 @@ class GpuProfile:
         metadata={"help": "Ray resource label: the task asks for `accelerator_type:<this>`."}
     )
     compute_capability: str = "0.0"
+    peak_tflops: float | None = field(default=None, metadata={
+        "help": "Dense FP16/BF16 tensor-core peak, TFLOPS (datasheet, without sparsity)."})
+    peak_fp32_tflops: float | None = field(default=None, metadata={
+        "help": "Plain FP32 peak, TFLOPS (what fp32 matmuls get: PyTorch leaves TF32 off)."})
+    memory_bandwidth_gbs: float | None = field(default=None, metadata={
+        "help": "Memory bandwidth, GB/s (datasheet)."})
+    usd_per_hour: float | None = field(default=None, metadata={
+        "help": "Price of one GPU-hour in US dollars (default: AWS On-Demand list, see above)."})
+    op_overhead_us: float | None = field(default=None, metadata={
+        "help": "Host time per dispatched op, microseconds (default 10 on a GPU host)."})
 
     @property
     def total_bytes(self) -> int:
@@ -46,31 +66,40 @@ class GpuProfile:
         return self.name != "cpu"
 
 
-def _p(name: str, mib: int, cc: str, ray_type: str | None) -> GpuProfile:
+def _p(name: str, mib: int, cc: str, ray_type: str | None, tflops: float, fp32: float, gbs: float,
+       usd: float | None) -> GpuProfile:
     major = int(cc.split(".")[0])
     return GpuProfile(name, mib, bf16=major >= 8, flash_attention=major >= 8,
-                      ray_accelerator_type=ray_type, compute_capability=cc)
+                      ray_accelerator_type=ray_type, compute_capability=cc, peak_tflops=tflops,
+                      peak_fp32_tflops=fp32, memory_bandwidth_gbs=gbs, usd_per_hour=usd)
 
 
 BUILTIN_PROFILES: dict[str, GpuProfile] = {
     p.name: p
     for p in [
-        _p("T4", 15360, "7.5", "T4"),
-        _p("V100-16G", 16160, "7.0", "V100"),
+        # name, nvidia-smi MiB, compute capability, Ray label, 16-bit TFLOPS, FP32 TFLOPS,
+        # GB/s, $ per GPU-hour (AWS instance type in the comment)
+        _p("T4", 15360, "7.5", "T4", 65, 8.1, 320, 0.752),  # g4dn.2xlarge
+        _p("V100-16G", 16160, "7.0", "V100", 125, 15.7, 900, 3.06),  # p3.2xlarge
         # A 32 GB cell must not land on a 16 GB V100 (both are `V100` to Ray): sized label.
-        _p("V100-32G", 32510, "7.0", "V100-32G"),
-        _p("A10G", 23028, "8.6", "A10G"),
-        _p("L4", 23034, "8.9", "L4"),
-        _p("RTX-A4000", 16376, "8.6", "RTX-A4000"),
-        _p("RTX-A5000", 24564, "8.6", "RTX-A5000"),
-        _p("RTX-A6000", 49140, "8.6", "RTX-A6000"),
-        _p("L40S", 46068, "8.9", "L40S"),
-        _p("A100-40G", 40960, "8.0", "A100-40G"),
-        _p("A100-80G", 81920, "8.0", "A100-80G"),
-        _p("H100", 81559, "9.0", "H100"),
-        _p("H200", 143771, "9.0", "H200"),
-        # The CPU "profile" has no card; the planner reports predictions without a limit.
-        GpuProfile("cpu", 0, bf16=True, flash_attention=False, ray_accelerator_type=None),
+        _p("V100-32G", 32510, "7.0", "V100-32G", 125, 15.7, 900, 31.212 / 8),  # p3dn.24xlarge
+        _p("A10G", 23028, "8.6", "A10G", 70, 31.5, 600, 1.212),  # g5.2xlarge
+        _p("L4", 23034, "8.9", "L4", 121, 30.3, 300, 0.9776),  # g6.2xlarge
+        _p("RTX-A4000", 16376, "8.6", "RTX-A4000", 76.7, 19.2, 448, None),
+        _p("RTX-A5000", 24564, "8.6", "RTX-A5000", 111.1, 27.8, 768, None),
+        _p("RTX-A6000", 49140, "8.6", "RTX-A6000", 154.8, 38.7, 768, None),
+        _p("L40S", 46068, "8.9", "L40S", 362, 91.6, 864, 1.861),  # g6e.xlarge
+        _p("A100-40G", 40960, "8.0", "A100-40G", 312, 19.5, 1555, 32.7726 / 8),  # p4d.24xlarge
+        _p("A100-80G", 81920, "8.0", "A100-80G", 312, 19.5, 2039, 40.9657 / 8),  # p4de.24xlarge
+        _p("H100", 81559, "9.0", "H100", 989, 67, 3350, 98.32 / 8),  # p5.48xlarge
+        _p("H200", 143771, "9.0", "H200", 989, 67, 4800, None),
+        # The CPU "profile" has no card; the planner reports predictions without a limit. Its
+        # speed numbers are nominal for one core of a recent x86 server (AVX2 FMA at ~3 GHz,
+        # a share of the socket's bandwidth) and the op cost is eager PyTorch's on such a core;
+        # `qlora-ray calibrate` fits them to the machine (docs/time.md).
+        GpuProfile("cpu", 0, bf16=True, flash_attention=False, ray_accelerator_type=None,
+                   peak_tflops=0.1, peak_fp32_tflops=0.1, memory_bandwidth_gbs=10,
+                   op_overhead_us=30),
     ]
 }
 
@@ -79,6 +108,24 @@ ALIASES = {
     "V100": "V100-16G", "A100": "A100-40G", "A4000": "RTX-A4000", "A5000": "RTX-A5000",
     "A6000": "RTX-A6000", "H100-80G": "H100",
 }
+
+
+SPEED_FIELDS = ("peak_tflops", "peak_fp32_tflops", "memory_bandwidth_gbs", "usd_per_hour",
+                "op_overhead_us")
+
+
+def speed_problems(profile: GpuProfile, key: str) -> list[str]:
+    """The speed and price numbers must be positive numbers (a price may be 0) or null."""
+    out = []
+    for name in SPEED_FIELDS:
+        value = getattr(profile, name)
+        if value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or value < 0 or (value == 0 and name != "usd_per_hour"):
+            rule = "must be a number >= 0" if name == "usd_per_hour" else "must be a number > 0"
+            out.append(problem(f"{key}.{name}", value, rule, "give the card's figure, or remove the key"))
+    return out
 
 
 def get_profile(
