@@ -189,9 +189,9 @@ def main() -> int:
                           "points": rows, "worst_error_pct": worst}, indent=1))
     else:
         print(f"efficiency factor: shipped {DEFAULT_GPU_EFFICIENCY}, fitted on these points {fit:.3f}\n")
-        print(f"{'point':<58} {'gpu':<9} {'published':>9} {'predicted':>9} {'error':>7} {'own eff.':>8}")
+        print(f"{'point':<62} {'gpu':<9} {'published':>9} {'predicted':>9} {'error':>7} {'own eff.':>8}")
         for r in rows:
-            print(f"{r['point']:<58} {r['gpu']:<9} {r['published']:>9,} {r['predicted']:>9,} "
+            print(f"{r['point']:<62} {r['gpu']:<9} {r['published']:>9,} {r['predicted']:>9,} "
                   f"{r['error_pct']:>+6.1f}% {r['own_efficiency']:>8.3f}")
         print(f"\nworst error {worst:.1f}% (tolerance {TOLERANCE:.0%})")
     return 0 if worst <= TOLERANCE * 100 else 1

@@ -99,7 +99,7 @@ BUILTIN_PROFILES: dict[str, GpuProfile] = {
         # `qlora-ray calibrate` fits them to the machine (docs/time.md).
         GpuProfile("cpu", 0, bf16=True, flash_attention=False, ray_accelerator_type=None,
                    peak_tflops=0.1, peak_fp32_tflops=0.1, memory_bandwidth_gbs=10,
-                   op_overhead_us=30),
+                   op_overhead_us=22),
     ]
 }
 
