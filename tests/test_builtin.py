@@ -201,6 +201,7 @@ def test_concurrent_callers_build_once_and_get_the_same_directory(fresh_cache):
     assert entries == [Path(fresh_cache["paths"][0]).name]  # no temp dirs left over
 
 
+@pytest.mark.slow
 def test_a_shared_cache_is_readable_by_other_users(fresh_cache):
     """A container running as another uid reuses the host's cache: every file is world-readable."""
     built = Path(fresh_cache["paths"][0])
@@ -209,6 +210,7 @@ def test_a_shared_cache_is_readable_by_other_users(fresh_cache):
         (f.name, oct(f.stat().st_mode)) for f in built.iterdir()]
 
 
+@pytest.mark.slow
 def test_second_call_reuses_the_cache_without_building(fresh_cache, monkeypatch):
     def must_not_build(name, out):
         raise AssertionError("rebuilt a cached model")
@@ -217,6 +219,7 @@ def test_second_call_reuses_the_cache_without_building(fresh_cache, monkeypatch)
     assert str(ensure_builtin(TINY_LLAMA, fresh_cache["cache"])) == fresh_cache["paths"][0]
 
 
+@pytest.mark.slow
 def test_same_recipe_gives_the_same_hash_and_the_same_weights(fresh_cache, tiny_dir):
     import torch
     from safetensors.torch import load_file
