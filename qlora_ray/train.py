@@ -68,9 +68,14 @@ def make_trainer(
     batch_size: int,
     grad_accum: int,
     output_dir: str | None = None,
+    autocast: bool | None = None,
 ) -> Trainer:
+    """The Trainer for one run. `autocast`: mixed precision in `compute_dtype` (default: on
+    CUDA only); the memory harness turns it on for the CPU to run a GPU's step (bf16 only:
+    accelerate has no fp16 autocast on the CPU)."""
     t = cfg.train
     on_cuda = device.kind == "cuda"
+    mixed = on_cuda if autocast is None else autocast
     args = TrainingArguments(
         output_dir=output_dir or tempfile.mkdtemp(prefix="qlora-ray-trainer-"),
         per_device_train_batch_size=batch_size,
@@ -86,8 +91,8 @@ def make_trainer(
         optim=effective_optimizer(t.optim, device),
         # Mixed precision only on CUDA; on the CPU the bitsandbytes layers already compute
         # in the chosen dtype and autocast would only slow the run down.
-        bf16=on_cuda and compute_dtype == "bfloat16",
-        fp16=on_cuda and compute_dtype == "float16",
+        bf16=mixed and compute_dtype == "bfloat16",
+        fp16=mixed and compute_dtype == "float16",
         use_cpu=not on_cuda,
         # Checkpointing is already wired in modeling.load (k-bit preparation needs it there).
         gradient_checkpointing=False,

@@ -1,0 +1,404 @@
+"""Memory harness: qlora-ray's own training and eval path on the CPU, in live tensor bytes.
+
+    m = measure(model_config, cfg, layers=2)        # one point, in this process
+    m = measure_isolated(model_config, cfg, layers=2)   # the same in a fresh interpreter
+
+What runs is the worker's code, nothing re-implemented: a model with `layers` decoder
+layers at the config's real width (random weights, saved to a temp folder, so no download)
+-> `modeling.load` (bitsandbytes 4/8-bit on load, k-bit preparation, checkpointing, PEFT)
+-> `train.make_trainer` and `trainer.train()` for a few optimizer steps on rows that fill
+`train.max_seq_len` (the worst batch the run can draw), under the Trainer's own bf16
+autocast as on a GPU -> the eval path (`evaluate.evaluate` and `train.eval_loss`) on
+prompts of `eval_prompt_tokens`. `benchmarks/memory_harness.py` sweeps it and compares the
+estimator (`qlora_ray.memory`) with it; docs/memory.md has the results.
+
+How bytes are counted. A `TorchDispatchMode` sees the outputs of every aten op (forward,
+backward, checkpoint recomputation, optimizer, bitsandbytes' ops, which are torch.library
+ops); each storage it has not seen is added to a running total, and a weakref finalizer on
+the storage subtracts it when the storage is freed. Tensors alive before the mode starts
+(weights, quantization constants) are found with the garbage collector and registered the
+same way. The result is the exact sum of live tensor storages at every point, which on a
+GPU is `torch.cuda.memory_allocated()` minus the allocator's rounding. We prefer this to
+torch.profiler's memory events (the CPU allocator's running total), because that total also
+contains scratch buffers private to CPU kernels (oneDNN reorders, per-thread attention
+blocks) that a GPU run does not have, and misses nothing a GPU run does have except what
+`CPU_VS_GPU` lists. The events are kept, so the composition of each peak (which op made
+which live tensor) can be printed: that is how the estimator's terms were found.
+
+Two phases are measured: the training steps (peak over the steps; from the second step on
+the optimizer state exists, so this is the steady-state peak) and the eval pass (peak over
+generation, similarity embedding and the eval loss, with whatever training left alive).
+fp16 cells are run with bf16 autocast: the CPU has no fp16 autocast in accelerate, and the
+two have the same widths (the CUDA GradScaler's few scalars aside).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from qlora_ray.config import ExperimentConfig, from_dict, to_dict
+
+# What a CPU run cannot show, and where the estimator accounts for it (docs/memory.md).
+CPU_VS_GPU = {
+    "cuda_context": "CUDA context and kernel images (300-600 MiB, driver and card dependent): "
+                    "memory.RUNTIME_OVERHEAD, outside torch's allocator",
+    "allocator": "the caching allocator's block rounding (512 B / 2 MiB segments) and fragmentation "
+                 "between reserved and allocated: memory.ALLOCATOR_SLACK as a share of the dynamic peak",
+    "workspaces": "cuBLAS/cuBLASLt workspaces (a few MiB per stream and handle) and bitsandbytes' "
+                  "kernel scratch: inside RUNTIME_OVERHEAD",
+    "attention": "the CPU runs SDPA's flash kernel for CPU; CUDA runs FlashAttention or memory-"
+                 "efficient attention, which save the same output and log-sum-exp (no seq x seq "
+                 "matrix); eager attention materializes seq x seq on both",
+    "paged_optimizer": "paged bitsandbytes optimizers keep their state in CUDA unified memory, "
+                       "outside max_memory_reserved; counted in full in the prediction",
+    "int8_matmul": "8-bit layers train through MatMul8bitFp on the CPU and MatMul8bitLt on CUDA; "
+                   "both keep the layer input for backward, CUDA also its int8 copy during forward",
+}
+
+
+@dataclass
+class Measurement:
+    """One harness point: bytes of live tensors, and what they were at each peak."""
+
+    layers: int
+    static_bytes: int
+    """Live before training: weights, quantization constants, adapters."""
+    train_peak_bytes: int
+    eval_peak_bytes: int
+    after_train_bytes: int
+    """Live when training ends (adapters, gradients if kept, optimizer state)."""
+    train_seconds: float
+    eval_seconds: float
+    train_top: list[tuple[str, int]] = field(default_factory=list)
+    """Live bytes at the training peak by (phase, op, dtype), largest first."""
+    eval_top: list[tuple[str, int]] = field(default_factory=list)
+    ops_seen: list[str] = field(default_factory=list)
+    """Attention and matmul ops that ran (which SDPA kernel the CPU used, for instance)."""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------
+# counting
+
+
+def _storage(t: Any) -> Any:
+    try:
+        return t.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # sparse, meta, functional wrappers
+        return None
+
+
+class LiveBytes:
+    """Live tensor bytes, counted per storage, with an event log to explain the peak.
+
+    Use `with counter.mode():` around the code to watch. `mark()` starts a new phase: its
+    peak is measured from the bytes live at that moment.
+    """
+
+    def __init__(self) -> None:
+        self.live: dict[int, tuple[int, int]] = {}  # storage key -> (bytes, tag index)
+        self.current = 0
+        self.peak = 0
+        self.tags: list[str] = []
+        self._tag_ids: dict[str, int] = {}
+        self.events: list[tuple[int, int, int]] = []  # (storage key, +bytes / -bytes, tag)
+        self._peak_event = 0
+        self.ops: set[str] = set()
+
+    def _tag(self, text: str) -> int:
+        if text not in self._tag_ids:
+            self._tag_ids[text] = len(self.tags)
+            self.tags.append(text)
+        return self._tag_ids[text]
+
+    def add(self, t: Any, tag: str) -> None:
+        st = _storage(t)
+        if st is None or t.device.type == "meta":
+            return
+        key = st._cdata
+        if key in self.live:
+            return
+        n = st.nbytes()
+        tid = self._tag(tag)
+        self.live[key] = (n, tid)
+        self.current += n
+        self.events.append((key, n, tid))
+        if self.current > self.peak:
+            self.peak = self.current
+            self._peak_event = len(self.events)
+        weakref.finalize(st, self._free, key)
+
+    def _free(self, key: int) -> None:
+        entry = self.live.pop(key, None)
+        if entry is not None:
+            self.current -= entry[0]
+            self.events.append((key, -entry[0], entry[1]))
+
+    def register_alive(self, tag: str = "static") -> int:
+        """Count every tensor the garbage collector can reach; returns their bytes."""
+        import warnings
+
+        import torch
+
+        gc.collect()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # isinstance() on deprecated module attributes warns
+            for obj in gc.get_objects():
+                try:
+                    if isinstance(obj, torch.Tensor):
+                        self.add(obj, f"{tag} {obj.dtype}")
+                except (ReferenceError, RuntimeError):
+                    continue
+        return self.current
+
+    def mark(self) -> None:
+        """Start a phase: its peak counts from what is live now."""
+        gc.collect()
+        self.peak = self.current
+        self._peak_event = len(self.events)
+
+    def composition_at_peak(self, top: int = 40) -> list[tuple[str, int]]:
+        """Bytes live at the current phase's peak, by tag, largest first."""
+        live: dict[int, tuple[int, int]] = {}
+        for key, n, tid in self.events[: self._peak_event]:
+            if n > 0:
+                live[key] = (n, tid)
+            else:
+                live.pop(key, None)
+        by_tag: Counter[str] = Counter()
+        for n, tid in live.values():
+            by_tag[self.tags[tid]] += n
+        return by_tag.most_common(top)
+
+    def mode(self) -> Any:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        counter = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+                out = func(*args, **(kwargs or {}))
+                name = func.overloadpacket.__name__
+                if "attention" in name or "gemm" in name or "dequantize" in name:
+                    counter.ops.add(name)
+                backward = torch._C._current_graph_task_id() != -1
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        counter.add(t, f"{'bwd' if backward else 'fwd'} {name} {str(t.dtype)[6:]} "
+                                                   f"{list(t.shape)}")
+                return out
+
+        return _Mode()
+
+
+# ---------------------------------------------------------------------------------------
+# the model and data
+
+
+def _word_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer: `w12 w7 ...` is exactly one token a word, so prompt lengths
+    are exact. Ids stay below the model's vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "<pad>"] + [f"w{i}" for i in range(min(vocab_size, 512) - 4)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(folder)
+
+
+def write_model(model_config: dict[str, Any], layers: int, folder: Path) -> Path:
+    """A random-weight model at the config's width with `layers` decoder layers, saved as a
+    model folder `modeling.load` can read (bf16 weights, as hub checkpoints ship)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(model_config)
+    cfg.pop("architectures", None)
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    text["num_hidden_layers"] = layers
+    for key in ("layer_types", "max_window_layers"):
+        if isinstance(text.get(key), list):
+            text[key] = text[key][:layers]
+    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    _word_tokenizer(folder, int(text["vocab_size"]))
+    del model
+    gc.collect()
+    return folder
+
+
+def ensure_model(model_config: dict[str, Any], layers: int, cache: str | Path) -> Path:
+    """`write_model` once per (config, layers) under `cache`; later calls reuse the folder."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps([model_config, layers], sort_keys=True).encode()).hexdigest()[:12]
+    folder = Path(cache) / f"{model_config.get('model_type', 'model')}-{layers}-{key}"
+    if not (folder / "config.json").is_file():
+        tmp = Path(tempfile.mkdtemp(prefix=".writing-", dir=cache))
+        write_model(model_config, layers, tmp)
+        tmp.rename(folder)
+    return folder
+
+
+def _rows(n: int, length: int, answer: int, vocab: int, seed: int,
+          padded: bool = False) -> list[dict[str, list[int]]]:
+    """Rows of `length` tokens, the last `answer` of them labelled. `padded`: the last
+    quarter of each row is padding (mask 0), as in a batch padded to its longest row, so
+    the model gets an attention mask; the tensors are as long either way."""
+    import random
+
+    rng = random.Random(seed)
+    pad = length // 4 if padded else 0
+    rows = []
+    for _ in range(n):
+        ids = [rng.randrange(4, min(vocab, 512)) for _ in range(length)]
+        labels = [-100] * (length - pad - answer) + ids[length - pad - answer: length - pad] + [-100] * pad
+        rows.append({"input_ids": ids, "attention_mask": [1] * (length - pad) + [0] * pad, "labels": labels})
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# one point
+
+
+def measure(
+    model_config: dict[str, Any],
+    cfg: ExperimentConfig,
+    *,
+    layers: int = 2,
+    steps: int = 2,
+    eval_prompt_tokens: int | None = None,
+    eval_rows: int | None = None,
+    run_eval: bool = True,
+    padded: bool = False,
+    model_cache: str | Path | None = None,
+) -> Measurement:
+    """Train `steps` optimizer steps of `cfg` (batches of full `train.max_seq_len` rows) and
+    evaluate once, counting live tensor bytes. `cfg.train.batch_size` must be an integer.
+
+    The weights are counted as every tensor alive in the process when training starts, so
+    measure one point per process (`measure_isolated`): libraries keep references to a
+    previous point's model.
+
+    Eval: `eval.batch_size` prompts of `eval_prompt_tokens` (default `max_seq_len` minus the
+    answer) generating `eval.max_new_tokens`, and the eval loss on `eval_rows` rows (default
+    one batch) of `max_seq_len` tokens. `padded`: batches mix long and short rows (so they
+    carry an attention mask). `model_cache`: keep the random model folders there and reuse
+    them (`ensure_model`); default a temp folder per call.
+    """
+    import datasets
+    import torch
+
+    from qlora_ray import evaluate as ev
+    from qlora_ray import modeling
+    from qlora_ray import train as training
+    from qlora_ray.data import make_collator
+    from qlora_ray.device import Device
+
+    bs = cfg.train.batch_size
+    if not isinstance(bs, int):
+        raise ValueError("measure needs an integer train.batch_size")
+    seq = cfg.train.max_seq_len
+    answer = max(1, min(seq // 8, 32))
+    compute = "bfloat16" if cfg.quant.compute_dtype in ("float16", "auto") else cfg.quant.compute_dtype
+    vocab = int((model_config.get("text_config") or model_config)["vocab_size"])
+    tmp = tempfile.TemporaryDirectory(prefix="qlora-ray-harness-")
+    try:
+        folder = (ensure_model(model_config, layers, model_cache) if model_cache is not None
+                  else write_model(model_config, layers, Path(tmp.name) / "model"))
+        run_cfg = cfg.replace(**{"model.name": str(folder), "quant.compute_dtype": compute,
+                                 "train.max_steps": steps, "train.logging_steps": 1000,
+                                 "train.warmup_ratio": 0.0})
+        device = Device(kind="cpu", name="cpu", total_memory_bytes=None, bf16=True)
+        loaded = modeling.load(run_cfg, device, compute)
+        train_ds = datasets.Dataset.from_list(_rows(bs * steps * run_cfg.train.grad_accum, seq, answer,
+                                                    vocab, 0, padded))
+        n_eval = eval_rows or cfg.eval.batch_size
+        eval_ds = datasets.Dataset.from_list(_rows(n_eval, seq, answer, vocab, 1))
+        trainer = training.make_trainer(
+            loaded.model, loaded.tokenizer, train_ds, eval_ds, make_collator(loaded.tokenizer),
+            run_cfg, device, compute, bs, run_cfg.train.grad_accum, output_dir=str(Path(tmp.name) / "out"),
+            autocast=True,
+        )
+        counter = LiveBytes()
+        static = counter.register_alive()
+        with counter.mode():
+            counter.mark()
+            t0 = time.perf_counter()
+            trainer.train()
+            train_seconds = time.perf_counter() - t0
+            train_peak, train_top = counter.peak, counter.composition_at_peak()
+            counter.mark()
+            after_train = counter.current
+            t0 = time.perf_counter()
+            if run_eval:
+                prompt_len = eval_prompt_tokens if eval_prompt_tokens is not None else seq - answer
+                prompts = [" ".join(f"w{(i * 7 + j) % 500}" for j in range(prompt_len))
+                           for i in range(cfg.eval.batch_size)]
+                refs = [" ".join(f"w{j}" for j in range(4))] * len(prompts)
+                ev.evaluate(loaded.model, loaded.tokenizer, prompts, refs, None,
+                            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+                            embedder=ev.Embedder("self", "cpu"), phase="after")
+                training.eval_loss(trainer)
+            eval_seconds = time.perf_counter() - t0
+            eval_peak, eval_top = counter.peak, counter.composition_at_peak()
+        del trainer, loaded
+        gc.collect()
+        return Measurement(layers=layers, static_bytes=static, train_peak_bytes=train_peak,
+                           eval_peak_bytes=eval_peak, after_train_bytes=after_train,
+                           train_seconds=round(train_seconds, 2), eval_seconds=round(eval_seconds, 2),
+                           train_top=train_top, eval_top=eval_top, ops_seen=sorted(counter.ops))
+    finally:
+        tmp.cleanup()
+        torch.set_grad_enabled(True)
+
+
+def measure_isolated(model_config: dict[str, Any], cfg: ExperimentConfig, timeout: float = 7200,
+                     **kwargs: Any) -> Measurement:
+    """`measure` in a fresh interpreter (no state or memory carried between points)."""
+    payload = json.dumps({"model_config": model_config, "cfg": to_dict(cfg), "kwargs": kwargs})
+    proc = subprocess.run([sys.executable, "-m", "qlora_ray.memory_harness"], input=payload,
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"harness point failed:\n{proc.stderr[-4000:]}")
+    data = json.loads(proc.stdout.strip().splitlines()[-1])
+    data["train_top"] = [tuple(x) for x in data["train_top"]]
+    data["eval_top"] = [tuple(x) for x in data["eval_top"]]
+    return Measurement(**data)
+
+
+def _main() -> None:
+    import logging
+    import warnings
+
+    logging.disable(logging.WARNING)
+    warnings.filterwarnings("ignore")
+    payload = json.loads(sys.stdin.read())
+    cfg = from_dict(ExperimentConfig, payload["cfg"])
+    m = measure(payload["model_config"], cfg, **payload["kwargs"])
+    print(json.dumps(m.to_json()))
+
+
+if __name__ == "__main__":
+    _main()
