@@ -30,24 +30,29 @@ SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # python3-venv: the dependencies live in /opt/venv, apart from the distribution's Python
 # packages. rsync + openssh-client: Ray's cluster launcher copies files into the container
 # with `rsync -e "docker exec"` and the head node's autoscaler reaches workers over SSH.
+# wget: KubeRay (1.5.x, and later ones for this Ray version) injects liveness/readiness
+# probes that run `wget ... http://localhost:PORT/api/..._healthz | grep success` in the
+# Ray container; without wget no Ray pod ever becomes Ready.
 # tini: see ENTRYPOINT. Versions are not pinned: they follow the base image's release, and
 # pinned Debian/Ubuntu versions disappear from the mirrors; the Python side is what the
 # lock pins.
 # hadolint ignore=DL3008
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
-        ca-certificates python3 python3-venv rsync openssh-client tini \
+        ca-certificates python3 python3-venv rsync openssh-client tini wget \
     && rm -rf /var/lib/apt/lists/*
 
 # ---------------------------------------------------------------------------------------
 # The dependency list alone, so that editing anything else in pyproject.toml (version,
 # ruff settings) leaves the expensive dependency layer below cached: COPY --from compares
-# this file's content, not pyproject.toml's.
+# this file's content, not pyproject.toml's. Extras: `gpu` (NVML) and `aws` (boto3, which
+# Ray's AWS node provider imports: the head's autoscaler runs in this image).
 FROM base AS requirements
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 COPY pyproject.toml /src/pyproject.toml
 RUN python3 -c 'import tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; \
-print("\n".join(p["dependencies"] + p["optional-dependencies"]["gpu"]))' > /src/requirements.txt
+print("\n".join(p["dependencies"] + p["optional-dependencies"]["gpu"] + p["optional-dependencies"]["aws"]))' \
+    > /src/requirements.txt
 
 # ---------------------------------------------------------------------------------------
 FROM base AS runtime
@@ -71,7 +76,8 @@ RUN --mount=type=bind,source=${WHEELHOUSE},target=/tmp/wheels \
     && python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /tmp/wheels \
         -c /tmp/build/constraints.txt -r /tmp/build/requirements.txt \
-    && /opt/venv/bin/python -c 'import torch, ray, peft, transformers, bitsandbytes, pyarrow' \
+    && /opt/venv/bin/python -c 'import torch, ray, peft, transformers, bitsandbytes, pyarrow, boto3' \
+    && /opt/venv/bin/python -c 'from ray.autoscaler._private.providers import _get_node_provider_cls; _get_node_provider_cls({"type": "aws"})' \
     && rm -rf /tmp/build
 
 ARG QLORA_UID=1000
@@ -119,16 +125,22 @@ VOLUME ["/workspace/results", "/cache"]
 # git_commit null rather than wrong.
 ARG QLORA_RAY_IMAGE=qlora-ray
 ARG QLORA_RAY_GIT_COMMIT=
+# The repository the image is built from (https://github.com/OWNER/REPO). GHCR links a new
+# package to that repository through the label below; docs/cluster.md has the one-time
+# visibility step a private-by-default GHCR package needs before nodes can pull it.
+ARG QLORA_RAY_SOURCE=
 # podman's layer cache matches ENV and LABEL on their text, not on the build-arg values in
 # them (it does key RUN on those values): this RUN makes a new tag or commit rebuild the
 # lines below instead of reusing stale ones. The file is the same record for humans.
-RUN printf 'image=%s\ngit_commit=%s\n' "${QLORA_RAY_IMAGE}" "${QLORA_RAY_GIT_COMMIT}" > /etc/qlora-ray-build
+RUN printf 'image=%s\ngit_commit=%s\nsource=%s\n' "${QLORA_RAY_IMAGE}" "${QLORA_RAY_GIT_COMMIT}" "${QLORA_RAY_SOURCE}" \
+    > /etc/qlora-ray-build
 ENV QLORA_RAY_IMAGE=${QLORA_RAY_IMAGE} \
     QLORA_RAY_GIT_COMMIT=${QLORA_RAY_GIT_COMMIT}
 LABEL org.opencontainers.image.title="qlora-ray" \
       org.opencontainers.image.description="Grids of QLoRA fine-tuning experiments on Ray" \
       org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.revision="${QLORA_RAY_GIT_COMMIT}"
+      org.opencontainers.image.revision="${QLORA_RAY_GIT_COMMIT}" \
+      org.opencontainers.image.source="${QLORA_RAY_SOURCE}"
 
 USER ${QLORA_UID}:${QLORA_GID}
 

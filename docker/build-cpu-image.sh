@@ -20,7 +20,7 @@ TAG=${1:-localhost/qlora-ray:cpu}
 CACHE=${QLORA_RAY_CI_CACHE:-$HOME/.cache/qlora-ray-ci}
 # Debian packages baked into the base (the Dockerfile's apt step then only refreshes its
 # lists); the base image and its cached rootfs are keyed on this list.
-BASE_PACKAGES=ca-certificates,python3,python3-venv,rsync,openssh-client,tini
+BASE_PACKAGES=ca-certificates,python3,python3-venv,rsync,openssh-client,tini,wget
 BASE_KEY=$(echo "$BASE_PACKAGES" | sha256sum | cut -c1-8)
 BASE=${QLORA_RAY_BASE_IMAGE:-localhost/qlora-ray-base:bookworm-$BASE_KEY}
 PY=${PYTHON:-.venv/bin/python}
@@ -66,7 +66,7 @@ fi
 
 # --------------------------------------------------------------------------- wheelhouse
 # The same requirement list the Dockerfile derives from pyproject.toml.
-requirements=$("$PY" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["gpu"]))')
+requirements=$("$PY" -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["gpu"] + p["optional-dependencies"]["aws"]))')
 key=$( (cat constraints.txt; echo "$requirements"; "$PY" -c 'import sys; print(sys.version_info[:2])') | sha256sum | cut -c1-16)
 wheelhouse=$CACHE/wheels-$key
 if [ ! -e "$wheelhouse/.complete" ]; then
@@ -100,5 +100,6 @@ podman build --layers --format docker \
   --build-arg NO_INDEX=1 \
   --build-arg QLORA_RAY_IMAGE="$TAG" \
   --build-arg QLORA_RAY_GIT_COMMIT="$commit" \
+  --build-arg QLORA_RAY_SOURCE="${QLORA_RAY_SOURCE:-}" \
   -t "$TAG" -f Dockerfile .
 log "built $TAG"

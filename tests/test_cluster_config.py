@@ -125,8 +125,9 @@ def test_every_node_runs_the_project_image_with_token_auth_and_no_secret_in_the_
     # The image's ENTRYPOINT runs qlora-ray; the launcher's `docker run ... IMAGE bash` must run
     # bash instead, under tini (tests/test_container.py starts a head node this way).
     assert options[options.index("--entrypoint") + 1] == "tini"
-    # The token reaches the nodes as a file, from the user's own ~/.ray/auth_token.
-    assert config["file_mounts"] == {"~/.ray/auth_token": "~/.ray/auth_token"}
+    # The token reaches the nodes from the user's own ~/.ray/auth_token, as a folder: a file
+    # bind mount would pin the old inode and a regenerated token would never arrive.
+    assert config["file_mounts"] == {"~/.ray/": "~/.ray/"}
     text = CLUSTER_YAML.read_text()
     assert not re.search(r"(AKIA[0-9A-Z]{16}|hf_[A-Za-z0-9]{20,}|aws_secret_access_key)", text, re.I)
 
@@ -144,14 +145,36 @@ def test_the_launchers_docker_command_for_this_config_is_well_formed(config: dic
     from ray.autoscaler._private.docker import docker_start_cmds
 
     cmd = docker_start_cmds(
-        "ubuntu", config["docker"]["image"], {"~/.ray/auth_token": "~/.ray/auth_token"},
+        "ubuntu", config["docker"]["image"], config["file_mounts"],
         config["docker"]["container_name"], config["docker"]["run_options"], config["cluster_name"],
         "/home/qlora", "docker")
     argv = shlex.split(cmd)
     image_at = argv.index(config["docker"]["image"])
     assert argv[image_at + 1:] == ["bash"]
     assert argv[argv.index("--entrypoint") + 1] == "tini"
-    assert "/home/qlora/.ray/auth_token" in cmd
+    volumes = [argv[i + 1] for i, a in enumerate(argv) if a == "-v"]
+    assert any(v.endswith(":/home/qlora/.ray/") for v in volumes), volumes
+
+
+def test_no_file_is_bind_mounted_into_the_containers(config: dict[str, Any]) -> None:
+    # Ray bind-mounts every file_mounts entry into the container (docker_start_cmds) and means
+    # to warn about files (`_check_docker_file_mounts`, which misses `~/` paths): a file mount
+    # would not see the next `ray up` replace it. Folders only.
+    assert all(remote.endswith("/") and local.endswith("/") for remote, local in config["file_mounts"].items())
+
+
+def test_the_head_pins_the_workers_image_before_its_autoscaler_starts(config: dict[str, Any]) -> None:
+    # Workers are launched with the head's IAM role, which cannot resolve resolve:ssm: (see
+    # qlora_ray/launcher.py and tests/test_aws_launch.py): the autoscaler must read the pinned copy.
+    commands = config["head_start_ray_commands"]
+    (pin_at,) = [i for i, c in enumerate(commands) if "qlora_ray.launcher pin-ami" in c]
+    (start_at,) = [i for i, c in enumerate(commands) if "ray start --head" in c]
+    assert pin_at < start_at
+    source, target = shlex.split(commands[pin_at])[-2:]
+    assert source == "~/ray_bootstrap_config.yaml"
+    assert f"--autoscaling-config={target}" in commands[start_at]
+    images = {t["node_config"]["ImageId"] for t in config["available_node_types"].values()}
+    assert len(images) == 1  # one parameter for every type: the one the head is launched from
 
 
 # --------------------------------------------------------------------------- KubeRay manifests
