@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m qlora_ray.launcher", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     pin = sub.add_parser("pin-ami", help="replace the head's resolve:ssm: ImageId with the head's own AMI id")
-    pin.add_argument("source", type=Path, help="the autoscaler config `ray up` wrote (~/ray_bootstrap_config.yaml)")
+    pin.add_argument("source", type=Path,
+                     help="the autoscaler config `ray up` wrote (~/ray_bootstrap_config.yaml)")
     pin.add_argument("target", type=Path, help="where to write the pinned copy")
     args = parser.parse_args(argv)
     try:

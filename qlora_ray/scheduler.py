@@ -11,8 +11,11 @@ The only module that drives Ray. Read top to bottom:
   type is asked for with `accelerator_type`. Cells without a `gpu` take CPU slots instead.
 * Rows are written by the driver as each task returns, so a row exists the moment its
   experiment is done and results can live on any pyarrow filesystem.
-* A cell whose resources no node offers becomes an `unschedulable` row after
-  `--unschedulable-timeout` seconds (the time an autoscaler gets to add such a node).
+* A cell whose resources no live node offers waits while the autoscaler is launching or
+  setting up a node that would fit it (a cold GPU node takes many minutes), and becomes an
+  `unschedulable` row after `--unschedulable-timeout` seconds with none coming. A cluster
+  without an autoscaler cannot grow, so there it gives up at once (cluster.py reads the
+  autoscaler's report).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from qlora_ray.results import empty_row, read_run_rows, write_run, write_samples
 
 RETRYABLE = ("oom", "failed", "unschedulable")
 DEFAULT_UNSCHEDULABLE_TIMEOUT = 600.0
+# How often the driver looks at the nodes and the autoscaler's report (which its monitor
+# refreshes every 5 s, AUTOSCALER_UPDATE_INTERVAL_S).
+NODE_CHECK_INTERVAL_S = 2.0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,9 +54,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="a GPU cell on a node without a CUDA device runs on the CPU instead of failing "
                         "(also QLORA_RAY_ALLOW_CPU_FALLBACK=1)")
     p.add_argument("--unschedulable-timeout", type=float, default=None,
-                   help="seconds a cell may wait for a node type that no node has before it becomes an "
-                        f"`unschedulable` row (default {DEFAULT_UNSCHEDULABLE_TIMEOUT:.0f} on a cluster, "
-                        "0 on the embedded Ray, which cannot grow)")
+                   help="seconds a cell may wait for a node type that no node has, with the autoscaler "
+                        "launching none that fits, before it becomes an `unschedulable` row (default "
+                        f"{DEFAULT_UNSCHEDULABLE_TIMEOUT:.0f} where an autoscaler can add nodes; 0 on a "
+                        "fixed cluster and on the embedded Ray, which cannot grow)")
     p.add_argument("--cpus-per-task", type=int, default=1,
                    help="CPU slots per experiment; torch uses this many threads (default 1)")
     p.add_argument("--max-retries", type=int, default=2,
@@ -75,6 +82,7 @@ class Cell:
     profile: Any
     attempt: int = 1
     submitted_at: float | None = None
+    waiting_since: float | None = None  # since when no live or coming node could run it
     ref: Any = None
     resources: dict[str, float] = field(default_factory=dict)
 
@@ -269,8 +277,9 @@ def _run_cells(
 
     _prebuild_builtin_models(todo)
     embedded = _connect(address, num_cpus)
-    if unschedulable_timeout is None:
-        unschedulable_timeout = 0.0 if embedded else DEFAULT_UNSCHEDULABLE_TIMEOUT
+    from qlora_ray.cluster import NodeWaits
+
+    waits = NodeWaits(unschedulable_timeout, DEFAULT_UNSCHEDULABLE_TIMEOUT, embedded=embedded)
     gpu_task, cpu_task, tracker_cls = _remote_functions(max_retries)
     tracker = tracker_cls.remote()
     rows: dict[str, dict[str, Any]] = {}
@@ -291,7 +300,7 @@ def _run_cells(
                     options["accelerator_type"] = cell.profile.ray_accelerator_type
                 cell.ref = task.options(**options).remote(
                     _payload(cell, spec, results, allow_cpu_fallback, cpus_per_task, cwd), tracker)
-                cell.submitted_at = time.monotonic()
+                cell.submitted_at = cell.waiting_since = time.monotonic()
                 running[cell.ref] = cell
 
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
@@ -302,7 +311,7 @@ def _run_cells(
                 rows[cell.experiment_id] = row
                 progress.finished(row)
 
-            _expire_unschedulable(running, rows, spec, results, unschedulable_timeout, progress)
+            _expire_unschedulable(running, rows, spec, results, waits, progress)
             started = _safe_get(tracker.snapshot.remote()) or {}
             progress.show(running=sum(1 for c in running.values() if c.experiment_id in started),
                           queued=len(pending) + sum(1 for c in running.values()
@@ -379,24 +388,32 @@ def _expire_unschedulable(
     rows: dict[str, dict[str, Any]],
     spec: Spec,
     results: str,
-    timeout: float,
+    waits: Any,
     progress: _Progress,
 ) -> None:
     import ray
 
+    from qlora_ray.cluster import unschedulable_reason
+
     now = time.monotonic()
-    waiting = [c for c in running.values() if c.submitted_at is not None and now - c.submitted_at >= timeout]
-    if not waiting:
+    if now < waits.next_check or not running:
         return
+    waits.next_check = now + NODE_CHECK_INTERVAL_S
     nodes = ray.nodes()
-    for cell in waiting:
-        if _feasible(cell.resources, nodes):
-            continue  # some node has it: the cell is only queued behind others
+    stuck = [c for c in running.values() if not _feasible(c.resources, nodes)]
+    if not stuck:
+        return
+    view = waits.view()
+    limit = waits.limit(view)
+    for cell in stuck:
+        if view.coming_for(cell.resources):
+            cell.waiting_since = now  # the clock starts once nothing is coming for it
+            continue
+        if now - (cell.waiting_since or now) < limit:
+            continue
         ray.cancel(cell.ref, force=True)
         running.pop(cell.ref)
-        wanted = ", ".join(f"{k}={v:g}" for k, v in cell.resources.items())
-        error = (f"no node offers {wanted} (gpu {cell.config.gpu!r}) after waiting {timeout:.0f}s; "
-                 "add such a node (or a node type the autoscaler can start), or drop the cell")
+        error = unschedulable_reason(view, cell.resources, cell.config.gpu, limit)
         row = _driver_row(cell.config, cell.experiment_id, spec.name, "unschedulable", error,
                           cell.attempt, cell.predicted_peak_bytes)
         write_run(results, spec.name, row)

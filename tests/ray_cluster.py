@@ -40,7 +40,7 @@ class LocalCluster:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
     def start(self, *, num_cpus: int, num_gpus: int = 0, resources: dict[str, float] | None = None,
-              dashboard: bool = False) -> None:
+              dashboard: bool = False, extra: list[str] | None = None) -> None:
         ray_tmp = self.tmp / "r"
         ray_tmp.mkdir(parents=True, exist_ok=True)
         home = self.tmp / "home"
@@ -69,18 +69,21 @@ class LocalCluster:
                     f"--dashboard-port={self.dashboard_port}"]
         else:
             cmd.append("--include-dashboard=false")
-        self._run(cmd)
+        self._run(cmd + list(extra or []))
 
     def _run(self, cmd: list[str]) -> None:
         proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=120)
         if proc.returncode:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
 
-    def add_node(self, *, num_cpus: int, num_gpus: int = 0, resources: dict[str, float] | None = None) -> None:
+    def add_node(self, *, num_cpus: int, num_gpus: int = 0, resources: dict[str, float] | None = None,
+                 labels: dict[str, str] | None = None) -> None:
         cmd = [str(BIN / "ray"), "start", f"--address={self.address}", "--node-ip-address=127.0.0.1",
                f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}"]
         if resources:
             cmd.append(f"--resources={json.dumps(resources)}")
+        if labels:
+            cmd.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
         self._run(cmd)
         time.sleep(1)
 

@@ -237,7 +237,7 @@ def test_rays_aws_provider_launches_and_terminates_every_shipped_worker_type(
 def test_pinning_refuses_a_parameter_the_head_was_not_launched_from() -> None:
     config = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
     config["available_node_types"]["gpu_t4"]["node_config"]["ImageId"] = "resolve:ssm:/some/other/parameter"
-    with pytest.raises(launcher.PinError, match="`gpu_t4`.*/some/other/parameter"):
+    with pytest.raises(launcher.PinError, match=r"`gpu_t4`.*/some/other/parameter"):
         launcher.pin_images(config, "ami-0123456789abcdef0")
     # Concrete ids stay; nothing to pin means no metadata call at all.
     plain = {"head_node_type": "h", "available_node_types": {"h": {"node_config": {"ImageId": "ami-0aaaaaaaaaaaaaaaa"}}}}

@@ -12,6 +12,8 @@ import copy
 import json
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -182,10 +184,24 @@ def test_the_head_pins_the_workers_image_before_its_autoscaler_starts(config: di
 # (no KubeRay CRD schema ships in a Python package; a cluster would be needed for more).
 
 
+K8S = {"raycluster.yaml": ROOT / "k8s" / "raycluster" / "raycluster.yaml",
+       "rayjob.yaml": ROOT / "k8s" / "rayjob" / "rayjob.yaml"}
+
+
 def _k8s(name: str) -> dict[str, Any]:
-    docs = list(yaml.safe_load_all((ROOT / "k8s" / name).read_text()))
+    docs = list(yaml.safe_load_all(K8S[name].read_text()))
     assert len(docs) == 1
     return docs[0]
+
+
+def test_applying_any_one_k8s_folder_starts_exactly_one_cluster() -> None:
+    # `kubectl apply -f DIR` applies every manifest directly in DIR: with the RayCluster and the
+    # RayJob side by side it would start two clusters. Each folder holds one; k8s/ itself none.
+    assert not [p.name for p in (ROOT / "k8s").iterdir() if p.suffix in (".yaml", ".yml", ".json")]
+    for folder in (ROOT / "k8s").iterdir():
+        if folder.is_dir():
+            kinds = [d["kind"] for p in folder.glob("*.y*ml") for d in yaml.safe_load_all(p.read_text()) if d]
+            assert len([k for k in kinds if k in ("RayCluster", "RayJob", "RayService")]) == 1, (folder, kinds)
 
 
 def _cluster_spec(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -221,3 +237,28 @@ def test_the_rayjob_runs_a_grid_on_the_same_cluster_as_the_raycluster() -> None:
     assert "qlora-ray run experiments/" in job["spec"]["entrypoint"]
     assert "--results s3://" in job["spec"]["entrypoint"]
     assert job["spec"]["shutdownAfterJobFinishes"] is True
+
+
+def test_kuberays_submitter_passes_the_whole_entrypoint_to_ray_job_submit(tmp_path: Path) -> None:
+    # The submitter pod runs `bash -ce "<ray job submit ... -- ENTRYPOINT ; fi ; ...>"` (tests/kuberay.py,
+    # ported from KubeRay). Stand-in `ray` and `qlora-ray` executables record how bash split
+    # it; tests/test_container.py runs the same command against a real head.
+    from kuberay import submitter_argv
+
+    calls = tmp_path / "calls.jsonl"
+    record = f"import json, sys; open({str(calls)!r}, 'a').write(json.dumps(sys.argv) + '\\n')"
+    for name, code in (("ray", "sys.exit(1 if sys.argv[1:3] == ['job', 'status'] else 0)"), ("qlora-ray", "")):
+        exe = tmp_path / name
+        exe.write_text(f"#!{sys.executable}\n{record}\n{code}\n")
+        exe.chmod(0o755)
+    job = _k8s("rayjob.yaml")
+    argv = submitter_argv(job, "qlora-ray-head-svc.default.svc.cluster.local:8265", "qlora-ray-grid-abc12")
+    proc = subprocess.run(argv, env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    runs = [json.loads(line) for line in calls.read_text().splitlines()]
+    programs = [Path(r[0]).name for r in runs]
+    assert "qlora-ray" not in programs, "the submitter pod itself ran the grid"
+    (submit,) = [r for r in runs if r[1:3] == ["job", "submit"]]
+    entrypoint = submit[submit.index("--") + 1:]
+    assert entrypoint == shlex.split(job["spec"]["entrypoint"])
+    assert entrypoint[:2] == ["bash", "-c"] and "qlora-ray run experiments/" in entrypoint[2]

@@ -7,6 +7,7 @@ node offering 1 GPU tagged L4. No CUDA exists here, so GPU cells run with
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -36,7 +37,10 @@ def cluster(tmp_path_factory):
     c = LocalCluster(tmp_path_factory.mktemp("ray"))
     try:
         c.start(num_cpus=2, num_gpus=2, resources={"accelerator_type:T4": 2}, dashboard=True)
-        c.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:L4": 1})
+        # Labels as Ray sets them on a real L4 node (ray.io/accelerator-type) plus a custom one:
+        # the label-selector trial below schedules on them.
+        c.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:L4": 1},
+                   labels={"ray.io/accelerator-type": "L4", "qlora-ray/gpu-memory-gib": "24"})
         yield c
     finally:
         c.stop()
@@ -200,3 +204,62 @@ def test_ray_job_submit_runs_the_quickstart(cluster, tmp_path):
     assert str(df["started_at"].dtype).startswith("datetime64") and df["started_at"].dt.tz is not None
     assert df["ray_node_id"].notna().all()
     assert os.path.isdir(results / spec["name"] / "samples")
+
+
+def test_on_a_cluster_that_cannot_grow_a_missing_gpu_type_is_unschedulable_at_once(cluster, tmp_path):
+    # This cluster's head was started by hand: its monitor is read-only, no node can be
+    # added, so waiting the default 600 s for an H100 would only delay the grid.
+    spec = write_spec(tmp_path / "fixed.yaml", "fixed", grid={"gpu": ["H100", "L4"]})
+    results = tmp_path / "results"
+    started = time.monotonic()
+    proc = cluster.qlora_ray("run", str(spec), "--results", str(results), "--address", cluster.address,
+                             "--allow-cpu-fallback", timeout=240)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    df = read_runs(results, "fixed").set_index("gpu")
+    assert df.loc["L4", "status"] == "ok"
+    assert df.loc["H100", "status"] == "unschedulable"
+    assert "cannot add one" in df.loc["H100", "error"] and "read-only monitor" in df.loc["H100", "error"]
+    print(f"\nfixed cluster: H100 cell unschedulable, grid done in {elapsed:.0f} s")
+
+
+LABEL_TRIAL = """
+import json, sys, time
+import ray
+
+ray.init(address=sys.argv[1], log_to_driver=False)
+
+@ray.remote(num_gpus=1, num_cpus=1)
+def where():
+    return ray.get_runtime_context().get_node_id()
+
+l4 = [n["NodeID"] for n in ray.nodes() if n["Labels"].get("ray.io/accelerator-type") == "L4"]
+by_type = ray.get(where.options(label_selector={"ray.io/accelerator-type": "L4"}).remote(), timeout=120)
+by_memory = ray.get(where.options(label_selector={"qlora-ray/gpu-memory-gib": "in(24,48)"}).remote(), timeout=120)
+waiting = where.options(label_selector={"ray.io/accelerator-type": "H100"}).remote()
+gcs = ray._raylet.GcsClient(address=sys.argv[1])
+demand, deadline = [], time.monotonic() + 30
+while not demand and time.monotonic() < deadline:
+    time.sleep(1)
+    status = json.loads(gcs.internal_kv_get(b"__autoscaling_status") or b"{}")
+    demand = (status.get("load_metrics_report") or {}).get("resource_demand") or []
+ray.cancel(waiting, force=True)
+print(json.dumps({"l4": l4, "by_type": by_type, "by_memory": by_memory, "demand": demand}))
+"""
+
+
+def test_label_selector_trial_places_tasks_but_the_autoscaler_never_sees_the_label(cluster, tmp_path):
+    # The trial behind docs/cluster.md "Label selectors": Ray 2.60's label_selector= on
+    # node labels (ray.io/accelerator-type, a custom memory label) places tasks right, but
+    # the demand the v1 autoscaler (the cluster launcher's) scales on carries no label: an
+    # H100-selected task is just {"CPU": 1, "GPU": 1} to it, so it would start any GPU type.
+    script = tmp_path / "trial.py"
+    script.write_text(LABEL_TRIAL)
+    proc = subprocess.run([str(BIN / "python"), str(script), cluster.address], env=cluster.env,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["by_type"] in out["l4"] and out["by_memory"] in out["l4"]
+    shapes = [shape for shape, _count in out["demand"]]
+    assert {"CPU": 1.0, "GPU": 1.0} in shapes, out["demand"]
+    assert not [s for s in shapes if any("H100" in k for k in s)]
