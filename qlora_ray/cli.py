@@ -1,4 +1,4 @@
-"""`qlora-ray plan | run | report`: thin commands.
+"""`qlora-ray plan | run | report | doctor`: thin commands.
 
 Each verb's options and body live in the module that owns the work (`planner`,
 `scheduler`, `report`), imported only when that verb runs, so `qlora-ray --help` never
@@ -18,6 +18,7 @@ VERBS = {
     "plan": ("qlora_ray.planner", "Expand a spec, predict each cell's peak memory, check it fits."),
     "run": ("qlora_ray.scheduler", "Run every cell of a spec on Ray; one Parquet row per cell."),
     "report": ("qlora_ray.report", "Comparison table and plots from a results folder."),
+    "doctor": ("qlora_ray.doctor", "Check in seconds what a grid needs: machine, cluster, spec, results."),
 }
 
 
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="qlora-ray",
         description="Grids of QLoRA fine-tuning experiments on Ray.",
     )
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="{plan,run,report}")
+    sub = parser.add_subparsers(dest="verb", required=True, metavar="{" + ",".join(VERBS) + "}")
     for verb, (module, help_text) in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
         # Argument definitions are light (no heavy imports at module top in these modules).

@@ -142,3 +142,30 @@ def load_adapter_for_inference(base_path: str, adapter_dir: str, device_map: Any
     """Reload a saved adapter onto its (unquantized) base model, as a user would."""
     base = AutoModelForCausalLM.from_pretrained(base_path, device_map=device_map)
     return PeftModel.from_pretrained(base, adapter_dir)
+
+
+def nf4_matmul_error(device: str = "cpu") -> tuple[float, float]:
+    """Run one tiny NF4 layer on `device` (what `qlora-ray doctor` checks bitsandbytes with).
+
+    Returns (kernel error, quantization error), both relative to the output's scale: the
+    layer's output against a plain matmul with its own dequantized weights (0 when the
+    4-bit kernel is right), and against the float weights it was quantized from (NF4's
+    rounding: a few percent).
+    """
+    import bitsandbytes as bnb
+
+    gen = torch.Generator().manual_seed(0)
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=dtype, quant_type="nf4")
+    with torch.no_grad():
+        layer.weight.data.copy_(torch.randn(64, 64, generator=gen) / 8)
+    original = layer.weight.data.clone()
+    layer = layer.to(device)  # quantizes the weights
+    x = torch.randn(4, 64, generator=gen).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        y = layer(x).float()
+        dequantized = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        exact = x.float() @ dequantized.float().t()
+        unquantized = x.float() @ original.to(device).float().t()
+    scale = float(unquantized.abs().max())
+    return float((y - exact).abs().max()) / scale, float((y - unquantized).abs().max()) / scale

@@ -25,6 +25,7 @@ AWS does not rent have no price: set one under the spec's `profiles:` to get dol
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,6 +141,25 @@ def get_profile(
         problem(key, name, "is not a known GPU profile",
                 f"use one of {', '.join(sorted(table))}, or define it under `profiles:` in the spec")
     ])
+
+
+def profile_for_card(
+    ray_label: str | None, total_bytes: int, extra: dict[str, GpuProfile] | None = None
+) -> GpuProfile | None:
+    """The profile of a card Ray labels `ray_label` with `total_bytes` of memory, if any.
+
+    Ray names a card by its model (`A100` for both sizes); the sized profiles carry the
+    model name plus `-<GiB>G`, so among the profiles of that model the one whose memory is
+    nearest the card's wins.
+    """
+    if not ray_label:
+        return None
+    table = {**BUILTIN_PROFILES, **(extra or {})}
+    same_model = [p for p in table.values()
+                  if p.ray_accelerator_type and re.sub(r"-\d+G$", "", p.ray_accelerator_type) == ray_label]
+    if not same_model:
+        return None
+    return min(same_model, key=lambda p: abs(p.total_bytes - total_bytes))
 
 
 def resolve_compute_dtype(requested: str, profile: GpuProfile | None) -> str:

@@ -127,8 +127,8 @@ def _host_dir(path: Path, uid: int) -> Path:
 
 def test_help_works_inside_the_image(image: str) -> None:
     top = podman("run", "--rm", "--network", "none", image, "--help")
-    assert "{plan,run,report}" in top.stdout
-    for verb in ("plan", "run", "report"):
+    assert "{plan,run,report,doctor}" in top.stdout
+    for verb in ("plan", "run", "report", "doctor"):
         assert f"usage: qlora-ray {verb}" in podman("run", "--rm", "--network", "none", image, verb, "--help").stdout
 
 

@@ -263,3 +263,48 @@ def test_label_selector_trial_places_tasks_but_the_autoscaler_never_sees_the_lab
     shapes = [shape for shape, _count in out["demand"]]
     assert {"CPU": 1.0, "GPU": 1.0} in shapes, out["demand"]
     assert not [s for s in shapes if any("H100" in k for k in s)]
+
+
+def test_doctor_reports_nodes_gpus_and_what_the_spec_needs(cluster, tmp_path, monkeypatch):
+    # In this process, with the CUDA stand-in for this machine's card; the GPU nodes are
+    # checked by real tasks on them, where torch finds no CUDA behind the logical GPUs.
+    import argparse
+    import io
+
+    from test_doctor import T4, FakeCuda
+
+    from qlora_ray import doctor
+
+    for key in ("HOME", "RAY_TMPDIR", "TMPDIR"):
+        monkeypatch.setenv(key, cluster.env[key])
+    spec = write_spec(tmp_path / "doc.yaml", "doc", grid={"gpu": ["T4", "L4", "H100"]})
+    args = argparse.Namespace(spec=str(spec), address=cluster.address, results=str(tmp_path / "res"),
+                              model_configs=[])
+    out = io.StringIO()
+    started = time.monotonic()
+    code = doctor.main(args, cuda=FakeCuda(T4), out=out)
+    text = out.getvalue()
+    print(f"\n{text}\ndoctor on the cluster: {time.monotonic() - started:.0f} s")
+    assert code == 1, text
+    lines = text.splitlines()
+
+    def one(prefix: str) -> str:
+        found = [ln for ln in lines if ln.startswith(prefix)]
+        assert found, f"no line starts with {prefix!r}:\n{text}"
+        return found[0]
+
+    assert "Tesla T4, 14.6 GiB" in one("ok    gpu ")
+    assert "3 node(s)" not in one("ok    ray ") and "2 node(s)" in one("ok    ray ")
+    nodes = [ln for ln in lines if ln.startswith("ok    node ")]
+    assert any("2 GPU, accelerator_type T4" in ln for ln in nodes)
+    assert any("accelerator_type L4, labels qlora-ray/gpu-memory-gib=24,ray.io/accelerator-type=L4" in ln
+               for ln in nodes)
+    assert "none: a fixed cluster (read-only monitor" in one("ok    autoscaler")
+    assert "T4: 1 node(s) offer" in one("ok    gpu type      T4")
+    assert "L4: 1 node(s) offer" in one("ok    gpu type      L4")
+    assert "cannot add one: 1 cell(s) would be unschedulable" in one("fail  gpu type      H100")
+    # Both GPU nodes were checked where they are: logical GPUs, no CUDA behind them.
+    no_cuda = [ln for ln in lines if ln.startswith("fail  node 127.0.0.1 gpus: the node offers")]
+    assert len(no_cuda) == 2, text
+    assert len([ln for ln in lines if ln.startswith("ok    node 127.0.0.1 bitsandbytes")]) == 2
+    assert one("ok    results").endswith("wrote, read back and deleted a probe object")
