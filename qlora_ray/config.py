@@ -24,12 +24,23 @@ from typing import Any, ClassVar
 QUANT_BITS = (4, 8, 16)
 QUANT_TYPES = ("nf4", "fp4")
 COMPUTE_DTYPES = ("float16", "bfloat16", "float32", "auto")
-ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2")
+ATTN_IMPLEMENTATIONS = ("auto", "eager", "sdpa", "flash_attention_2")
 LORA_BIAS = ("none", "all", "lora_only")
 OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb_8bit")
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-llama",)
+
+# Upper bounds (far above any real run; they stop typos and hostile specs, not research).
+MAX_LORA_RANK = 4096
+MAX_EPOCHS = 1000
+MAX_STEPS = 10_000_000
+MAX_BATCH = 4096
+MAX_SEQ_LEN = 1_048_576
+MAX_NEW_TOKENS = 16_384
+MAX_ROWS = 100_000_000
+MAX_TEMPLATE_CHARS = 100_000
+MAX_LIST_ITEMS = 1000
 
 DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n"
 
@@ -72,6 +83,12 @@ def _positive(out: list[str], key: str, value: Any, fix: str, *, allow_zero: boo
         out.append(problem(key, value, rule, fix))
 
 
+def _at_most(out: list[str], key: str, value: Any, limit: int | float, fix: str) -> None:
+    """Upper bounds: a spec is untrusted input, and a typo of 10**9 must not start a run."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit:
+        out.append(problem(key, value, f"must be <= {limit:,}", fix))
+
+
 def _one_of(out: list[str], key: str, value: Any, allowed: tuple[Any, ...]) -> None:
     if value not in allowed:
         close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
@@ -91,7 +108,12 @@ class ModelConfig:
     )
     revision: str | None = _f(None, "Hub revision (branch, tag or commit); recorded in the row.")
     trust_remote_code: bool = _f(False, "Run model code from the hub; off unless you turn it on.")
-    attn_implementation: str = _f("sdpa", "Attention kernel: eager, sdpa or flash_attention_2.")
+    attn_implementation: str = _f(
+        "auto",
+        "Attention kernel: auto (what transformers picks for the architecture: sdpa where the "
+        "model supports it, else eager; the row records the kernel used), eager, sdpa or "
+        "flash_attention_2.",
+    )
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -143,6 +165,15 @@ class DatasetConfig:
             )
         if isinstance(self.eval_size, int) and self.eval_size < 1:
             out.append(problem("dataset.eval_size", self.eval_size, "must be >= 1", "hold out rows"))
+        if isinstance(self.eval_size, int):
+            _at_most(out, "dataset.eval_size", self.eval_size, MAX_ROWS, "hold out fewer rows")
+        if self.max_train_samples is not None:
+            _at_most(out, "dataset.max_train_samples", self.max_train_samples, MAX_ROWS,
+                     "remove it to use every row")
+        if len(self.prompt_template) > MAX_TEMPLATE_CHARS:
+            out.append(problem("dataset.prompt_template", f"{len(self.prompt_template):,} characters",
+                               f"must be at most {MAX_TEMPLATE_CHARS:,} characters",
+                               "put the long text in the dataset's rows"))
         if self.max_train_samples is not None and self.max_train_samples < 1:
             out.append(
                 problem("dataset.max_train_samples", self.max_train_samples, "must be >= 1",
@@ -208,7 +239,12 @@ class LoraConfig:
     def problems(self) -> list[str]:
         out: list[str] = []
         _positive(out, "lora.r", self.r, "use a rank such as 8 or 16")
+        _at_most(out, "lora.r", self.r, MAX_LORA_RANK, "use a rank such as 8 or 16")
         _positive(out, "lora.alpha", self.alpha, "use e.g. 2 x r")
+        _at_most(out, "lora.alpha", self.alpha, 2 * MAX_LORA_RANK * 16, "use e.g. 2 x r")
+        if isinstance(self.target_modules, tuple) and len(self.target_modules) > MAX_LIST_ITEMS:
+            out.append(problem("lora.target_modules", f"{len(self.target_modules):,} names",
+                               f"must name at most {MAX_LIST_ITEMS:,} modules", "use all-linear"))
         if not 0 <= self.dropout < 1:
             out.append(problem("lora.dropout", self.dropout, "must be in [0, 1)", "use e.g. 0.05"))
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
@@ -256,8 +292,16 @@ class TrainConfig:
     def problems(self) -> list[str]:
         out: list[str] = []
         _positive(out, "train.epochs", self.epochs, "train for at least a fraction of an epoch")
+        _at_most(out, "train.epochs", self.epochs, MAX_EPOCHS, "use e.g. 3")
         if self.max_steps is not None:
             _positive(out, "train.max_steps", self.max_steps, "remove it to train by epochs")
+            _at_most(out, "train.max_steps", self.max_steps, MAX_STEPS, "remove it to train by epochs")
+        if not isinstance(self.batch_size, str):
+            _at_most(out, "train.batch_size", self.batch_size, MAX_BATCH, "use e.g. 4, or auto")
+        _at_most(out, "train.grad_accum", self.grad_accum, MAX_BATCH, "use e.g. 4")
+        _at_most(out, "train.max_seq_len", self.max_seq_len, MAX_SEQ_LEN, "use the model's context length")
+        _at_most(out, "train.learning_rate", self.learning_rate, 1.0, "use e.g. 2.0e-4")
+        _at_most(out, "train.logging_steps", self.logging_steps, MAX_STEPS, "use e.g. 10")
         if isinstance(self.batch_size, str):
             if self.batch_size != "auto":
                 out.append(
@@ -326,9 +370,15 @@ class EvalConfig:
     def problems(self) -> list[str]:
         out: list[str] = []
         _positive(out, "eval.max_new_tokens", self.max_new_tokens, "use e.g. 16")
+        _at_most(out, "eval.max_new_tokens", self.max_new_tokens, MAX_NEW_TOKENS, "use e.g. 16")
         _positive(out, "eval.batch_size", self.batch_size, "use e.g. 16")
+        _at_most(out, "eval.batch_size", self.batch_size, MAX_BATCH, "use e.g. 16")
         if self.max_samples is not None:
             _positive(out, "eval.max_samples", self.max_samples, "remove it to use the whole split")
+            _at_most(out, "eval.max_samples", self.max_samples, MAX_ROWS, "remove it to use the whole split")
+        if not isinstance(self.labels, str) and len(self.labels) > MAX_LIST_ITEMS:
+            out.append(problem("eval.labels", f"{len(self.labels):,} labels",
+                               f"must list at most {MAX_LIST_ITEMS:,} labels", "use auto or none"))
         if isinstance(self.labels, str) and self.labels not in ("auto", "none"):
             out.append(problem("eval.labels", self.labels, "must be a list, `auto` or `none`",
                                "write e.g. [negative, neutral, positive]"))

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_ray.config import ConfigError, DatasetConfig, ExperimentConfig, problem
+from qlora_ray.datacheck import is_local, read_rows
 
 if TYPE_CHECKING:
     import datasets
@@ -53,7 +54,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label value transformers' loss skips
-LOCAL_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 # `eval.labels: auto`: answers of at most this many words seen at least this often.
 AUTO_LABEL_MAX_WORDS = 3
 AUTO_LABEL_MIN_COUNT = 3
@@ -77,25 +77,17 @@ class PreparedData:
 
 def load_rows(cfg: DatasetConfig) -> list[dict[str, Any]]:
     """Every row of a local file (.jsonl/.json/.csv/.parquet) or of a hub dataset's split."""
-    import datasets
-
     path = Path(cfg.path).expanduser()
-    suffix = path.suffix.lower()
-    if path.is_file():
-        if suffix not in LOCAL_FORMATS:
-            raise ConfigError([problem("dataset.path", cfg.path, "has an unsupported file type",
-                                       f"use one of {', '.join(LOCAL_FORMATS)}")])
-        # The whole file is the data; `dataset.split` only selects a split of hub datasets.
-        ds = _load(cfg, LOCAL_FORMATS[suffix], data_files={"train": str(path)}, split="train")
-    elif path.is_dir():
+    if path.is_dir():
         ds = _load(cfg, str(path), split=cfg.split)
-    elif suffix in LOCAL_FORMATS or cfg.path.startswith((".", "/", "~")):
-        raise ConfigError([problem(
-            "dataset.path", cfg.path, "is not a file",
-            f"check the path (a relative path is resolved from the working directory, {Path.cwd()})",
-        )])
+    elif is_local(cfg.path):
+        # The same reader `plan` checked the file with, so what was checked is what trains.
+        # The whole file is the data; `dataset.split` only selects a split of hub datasets.
+        return read_rows(cfg.path)
     else:
         ds = _load(cfg, cfg.path, cfg.subset, split=cfg.split)
+    import datasets
+
     if not isinstance(ds, datasets.Dataset):
         raise ConfigError([problem("dataset.split", cfg.split, "did not select one split",
                                    "name a split such as train")])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import itertools
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,9 @@ from qlora_ray.profiles import GpuProfile, get_profile, preset_overrides, speed_
 SPEC_KEYS = ("name", "base", "grid", "paired", "seeds", "exclude", "runs", "profiles", "description",
              "preset")
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
+# Bounds on what a spec may ask for (see load_spec / expand).
+DEFAULT_MAX_CELLS = 10_000
+MAX_SPEC_BYTES = 1024 * 1024
 
 # Short tokens for the human-readable cell name, e.g. r8-bs4-bf16-T4.
 _AXIS_TOKENS = {
@@ -70,23 +74,92 @@ class Spec:
     source: str | None = None
 
 
-def load_spec(path: str | Path) -> Spec:
+class _NoAliasLoader(yaml.SafeLoader):
+    """yaml.safe_load without anchors and aliases.
+
+    Nested aliases make a few hundred bytes expand into gigabytes (the "billion laughs"),
+    and a spec has `grid`, `paired` and `runs` for repetition, so `&name` / `*name` are
+    refused where the parser meets them, before anything is built.
+    """
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+            kind = "*" if isinstance(event, yaml.AliasEvent) else "&"
+            raise _AliasError(event.start_mark.line + 1, f"{kind}{event.anchor}")
+        return super().compose_node(parent, index)
+
+
+class _AliasError(Exception):
+    def __init__(self, line: int, token: str):
+        super().__init__(token)
+        self.line = line
+        self.token = token
+
+
+def load_spec(path: str | Path, *, max_cells: int = DEFAULT_MAX_CELLS) -> Spec:
     """Read a YAML spec and expand it; every problem is raised at once."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError([problem("SPEC", str(path), "is not a file", "pass the path of a YAML spec")])
+    size = path.stat().st_size
+    if size > MAX_SPEC_BYTES:
+        raise ConfigError([problem("SPEC", str(path), f"is {size:,} bytes, more than a spec needs "
+                                   f"(the limit is {MAX_SPEC_BYTES:,})",
+                                   "describe the grid with `grid:` axes instead of listing cells")])
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError([problem("SPEC", str(path), f"is not valid YAML ({e})", "fix the syntax")]) from e
-    return expand(data, source=str(path))
+        text = path.read_text(encoding="utf-8")
+        data = yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass
+    except _AliasError as e:
+        raise ConfigError([problem(
+            f"{path}:{e.line}", e.token, "uses a YAML anchor or alias",
+            "write the values out; use `grid`, `paired` or `runs` for repetition")]) from e
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 0
+        what = " ".join(str(e.problem or e.context or "syntax error").split())
+        source = text.splitlines()[line - 1] if 0 < line <= len(text.splitlines()) else ""
+        raise ConfigError([problem(f"{path}:{line}", source.strip(), f"is not valid YAML ({what})",
+                                   "fix the syntax on that line")]) from e
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        what = " ".join(str(e).split())
+        raise ConfigError([problem("SPEC", str(path), f"is not valid YAML ({what})",
+                                   "fix the syntax, and save the file as UTF-8")]) from e
+    return expand(data, source=str(path), max_cells=max_cells)
 
 
-def expand(data: Any, source: str | None = None) -> Spec:
-    """Spec mapping -> Spec with one ExperimentConfig per cell, in a stable order."""
+def count_cells(data: dict[str, Any]) -> int:
+    """Cells the spec's axes and runs make before exclude rules: len(runs) x every axis."""
+    axes: list[int] = []
+    grid = data.get("grid")
+    if isinstance(grid, dict):
+        axes += [len(v) for v in grid.values() if isinstance(v, list)]
+    paired = data.get("paired")
+    if isinstance(paired, list):
+        for group in paired:
+            if isinstance(group, dict):
+                axes.append(max((len(v) for v in group.values() if isinstance(v, list)), default=1))
+    if isinstance(data.get("seeds"), list):
+        axes.append(len(data["seeds"]))
+    runs = data.get("runs")
+    n = len(runs) if isinstance(runs, list) and runs else 1
+    return n * math.prod(max(a, 1) for a in axes)
+
+
+def expand(data: Any, source: str | None = None, *, max_cells: int = DEFAULT_MAX_CELLS) -> Spec:
+    """Spec mapping -> Spec with one ExperimentConfig per cell, in a stable order.
+
+    A spec whose axes multiply out to more than `max_cells` cells is refused before any
+    cell is built (the CLI's `--max-cells` raises the cap).
+    """
     problems: list[str] = []
     if not isinstance(data, dict):
         raise ConfigError([problem("spec", data, "must be a mapping", "start from experiments/example.yaml")])
+    total = count_cells(data)
+    if total > max_cells:
+        raise ConfigError([problem("grid", f"{total:,} cells", f"expands to more than {max_cells:,} cells "
+                                   "(the cap that keeps a typo from queueing millions of experiments)",
+                                   "narrow the axes, or pass --max-cells N to allow more")])
     for key in data:
         if key not in SPEC_KEYS:
             close = difflib.get_close_matches(str(key), SPEC_KEYS, n=1)
@@ -253,6 +326,16 @@ def _profiles(raw: Any, problems: list[str]) -> dict[str, GpuProfile]:
         return {}
     out: dict[str, GpuProfile] = {}
     for name, fields in raw.items():
+        # The name becomes a Ray resource label, a cell name token and a plot label.
+        if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+            problems.append(problem("profiles", name, "has a profile name that is not a safe name",
+                                    "use letters, digits and . _ + = - (e.g. RTX-4090)"))
+            continue
+        label = fields.get("ray_accelerator_type") if isinstance(fields, dict) else None
+        if label is not None and (not isinstance(label, str) or not SAFE_NAME.fullmatch(label)):
+            problems.append(problem(f"profiles.{name}.ray_accelerator_type", label, "is not a safe name",
+                                    "use the label Ray gives the card, e.g. A10G"))
+            continue
         if not isinstance(fields, dict):
             problems.append(problem(f"profiles.{name}", fields, "must be a mapping", "see docs/memory.md"))
             continue

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qlora_ray.config import ExperimentConfig, problem
+from qlora_ray.modelcheck import effective_attention
 from qlora_ray.profiles import GpuProfile, resolve_compute_dtype
 
 MiB = 1024**2
@@ -307,7 +308,7 @@ def _terms(
     h, kv = arch.hidden, arch.kv_heads * arch.head_dim
     qd = arch.heads * arch.head_dim
     inter = arch.intermediate * arch.experts_per_token
-    eager = cfg.model.attn_implementation == "eager"
+    eager = effective_attention(cfg.model.attn_implementation, arch.model_type) == "eager"
     # What one layer saves for backward: the normed inputs, q/k/v before and after RoPE,
     # the attention output, the MLP's gate/up/act/product, and RMSNorm's fp32 internals.
     layer_elems = 3 * h + 2 * qd + 4 * kv + 4 * inter

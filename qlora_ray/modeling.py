@@ -85,7 +85,8 @@ def load(cfg: ExperimentConfig, device: Device, compute_dtype: str) -> LoadedMod
         quantization_config=quantization_config(cfg, compute_dtype),
         dtype=DTYPES[compute_dtype],
         device_map=device.device_map,
-        attn_implementation=cfg.model.attn_implementation,
+        # `auto`: None lets transformers pick (sdpa where the class supports it, else eager).
+        attn_implementation=None if (attn := cfg.model.attn_implementation) == "auto" else attn,
     )
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     _keep_4bit_layers_trainable(model)

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from qlora_ray.config import BUILTIN_PREFIX, ConfigError, ExperimentConfig, problem
-from qlora_ray.grid import Spec, load_spec
+from qlora_ray.grid import DEFAULT_MAX_CELLS, Spec, load_spec
 from qlora_ray.memory import Architecture, architecture, estimate, largest_batch
+from qlora_ray.modelcheck import model_problems
 from qlora_ray.profiles import GpuProfile, capability_problems, get_profile, resolve_compute_dtype
 from qlora_ray.timing import Factors, TimePrediction, predict
 from qlora_ray.workload import data_lengths
@@ -221,6 +222,7 @@ def plan_cell(
         bs = max(1, largest_batch(arch, cfg, profile, budget, limit=AUTO_BATCH_LIMIT))
     est = estimate(arch, cfg, profile, batch_size=bs)
     problems.extend(est.problems)
+    problems.extend(model_problems(cfg, arch))  # an attention kernel or rank the model cannot take
     fits = limit is None or est.peak_bytes <= limit
 
     if not fits and profile is not None and limit is not None:
@@ -295,13 +297,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-unfit", action="store_true",
                         help="exit 0 even when cells cannot run; `run --skip-unfit` records them "
                              "as `skipped` rows")
+    parser.add_argument("--max-cells", type=int, default=DEFAULT_MAX_CELLS, metavar="N",
+                        help=f"refuse a spec that expands to more cells (default {DEFAULT_MAX_CELLS:,})")
     parser.add_argument("--model-configs", action="append", default=[], metavar="DIR",
                         help=f"folder of config.json files laid out as DIR/<hub id>/config.json, "
                              f"searched before the hub (repeatable; also ${MODEL_CONFIGS_ENV})")
 
 
 def main(args: argparse.Namespace) -> int:
-    spec = load_spec(args.spec)
+    from qlora_ray.datacheck import check_spec_datasets
+
+    spec = load_spec(args.spec, max_cells=args.max_cells)
+    data_notes = check_spec_datasets(spec)  # bad data is one error here, not a failed row per cell
     plans = plan_spec(spec, model_configs=args.model_configs)
     blocked = [p for p in plans if p.problems]
     if args.json:
@@ -313,6 +320,8 @@ def main(args: argparse.Namespace) -> int:
     out = sys.stderr if args.json else sys.stdout
     if args.json:
         print(total_line(plans), file=out)
+    for note in data_notes:
+        print(f"note: {note}", file=out)
     print(summary, file=out)
     if blocked and args.skip_unfit:
         print(f"--skip-unfit: `qlora-ray run --skip-unfit` will record those {len(blocked)} cells "

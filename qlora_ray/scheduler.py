@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qlora_ray.config import ExperimentConfig, flatten, to_dict
-from qlora_ray.grid import Spec, load_spec
+from qlora_ray.grid import DEFAULT_MAX_CELLS, Spec, load_spec
 from qlora_ray.results import empty_row, read_run_rows, write_run, write_samples
 
 RETRYABLE = ("oom", "failed", "unschedulable")
@@ -66,6 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="record cells the planner says cannot run as `skipped` rows instead of refusing")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="embedded Ray only: CPU slots to offer (default: all cores)")
+    p.add_argument("--max-cells", type=int, default=DEFAULT_MAX_CELLS, metavar="N",
+                   help=f"refuse a spec that expands to more cells (default {DEFAULT_MAX_CELLS:,})")
     p.add_argument("--model-configs", action="append", default=[], metavar="DIR",
                    help="folder with <hub id>/config.json files, so planning needs no network "
                         "(repeatable; also $QLORA_RAY_MODEL_CONFIGS)")
@@ -93,7 +95,7 @@ def main(args: argparse.Namespace) -> int:
         retry_failed=args.retry_failed, allow_cpu_fallback=args.allow_cpu_fallback,
         unschedulable_timeout=args.unschedulable_timeout, cpus_per_task=args.cpus_per_task,
         max_retries=args.max_retries, skip_unfit=args.skip_unfit, num_cpus=args.num_cpus,
-        model_configs=args.model_configs,
+        model_configs=args.model_configs, max_cells=args.max_cells,
     )
 
 
@@ -111,11 +113,18 @@ def run_spec(
     skip_unfit: bool = False,
     num_cpus: int | None = None,
     model_configs: list[str] | None = None,
+    max_cells: int = DEFAULT_MAX_CELLS,
     out: Any = None,
 ) -> int:
     """Run a spec; returns the exit code (0 when every cell has an `ok` row)."""
+    from qlora_ray.datacheck import check_spec_datasets
+
     out = out or sys.stdout
-    spec = load_spec(spec_path)  # every spec problem is raised here, before any work
+    spec = load_spec(spec_path, max_cells=max_cells)  # every spec problem is raised here, before any work
+    # Every local dataset read and checked once, here: a bad file is one error naming its
+    # line, not a model load and a `failed` row in every cell.
+    for note in check_spec_datasets(spec):
+        print(f"note: {note}", file=out)
     # Pin down where we are before Ray starts: under `ray job submit` the working directory
     # is a package Ray may re-extract in place (another raylet on the same machine sharing
     # the session folder), after which this process's cwd no longer exists.

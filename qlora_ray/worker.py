@@ -164,6 +164,9 @@ def _run_phases(
         )
         # The hub commit the weights came from (a branch name like `main` moves).
         row["model_revision"] = getattr(loaded.model.config, "_commit_hash", None) or cfg.model.revision
+        # The kernel actually used (`auto` resolved by transformers).
+        row["attn_implementation"] = getattr(loaded.model.config, "_attn_implementation", None) \
+            or cfg.model.attn_implementation
         row.update(trainable_params=loaded.trainable_params, total_params=loaded.total_params,
                    optim_effective=str(trainer.args.optim.value),
                    labels=",".join(data.labels or []) or None, eval_samples=len(data.eval_prompts))

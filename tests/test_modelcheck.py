@@ -1,0 +1,125 @@
+"""Model checks at plan time: the attention kernel an architecture supports, and LoRA rank.
+
+A random-init Gemma-2 saved with save_pretrained is the model the issue found planning as
+fitting and then failing at load in every cell (`sdpa` was the default, and
+Gemma2ForCausalLM has no SDPA kernel).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qlora_ray.cli import main as cli_main
+from qlora_ray.config import ExperimentConfig, from_dict
+from qlora_ray.modelcheck import ATTENTION_SUPPORT, effective_attention
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "experiments" / "data" / "fin_sentiment.jsonl"
+
+
+@pytest.fixture(scope="module")
+def gemma2(tmp_path_factory) -> Path:
+    """A tiny random-init Gemma-2 with the builtin tokenizer, saved as a user would."""
+    from transformers import AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, set_seed
+
+    from qlora_ray.builtin import ensure_builtin
+
+    folder = tmp_path_factory.mktemp("gemma2")
+    tok = AutoTokenizer.from_pretrained(ensure_builtin("builtin:tiny-llama"))
+    set_seed(0)
+    config = Gemma2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+                          pad_token_id=tok.pad_token_id or 0, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id)
+    Gemma2ForCausalLM(config).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def plan_json(tmp_path: Path, capsys: pytest.CaptureFixture[str], base: dict) -> tuple[int, list[dict]]:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({"name": "m", "base": {"dataset": {"path": str(DATA)}, **base}}))
+    rc = cli_main(["plan", str(spec), "--json"])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def test_attention_table_matches_the_installed_transformers() -> None:
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    wrong = {}
+    for model_type, supported in ATTENTION_SUPPORT.items():
+        cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type])
+        actual = ("eager", *(["sdpa"] if cls._supports_sdpa else []),
+                  *(["flash_attention_2"] if cls._supports_flash_attn else []))
+        if set(actual) != set(supported):
+            wrong[model_type] = actual
+    assert not wrong, f"update ATTENTION_SUPPORT in qlora_ray/modelcheck.py: {wrong}"
+
+
+def test_gemma2_plans_with_the_kernel_it_supports_and_rejects_sdpa(
+    gemma2: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc, cells = plan_json(tmp_path, capsys, {"model": str(gemma2)})
+    assert rc == 0 and cells[0]["problems"] == [] and cells[0]["fits"]
+    assert effective_attention("auto", "gemma2") == "eager"
+    assert effective_attention("auto", "llama") == "sdpa"
+
+    rc, cells = plan_json(tmp_path, capsys, {"model": {"name": str(gemma2), "attn_implementation": "sdpa"}})
+    assert rc == 1
+    (message,) = cells[0]["problems"]
+    assert message.startswith("`model.attn_implementation` is not supported by gemma2 models")
+    assert "got 'sdpa'" in message and "use auto" in message
+
+
+def test_gemma2_auto_loads_with_eager_attention(gemma2: Path) -> None:
+    from qlora_ray import modeling
+    from qlora_ray.device import Device
+
+    cfg = from_dict(ExperimentConfig, {"model": str(gemma2), "quant": {"compute_dtype": "float32"}})
+    assert cfg.model.attn_implementation == "auto"
+    loaded = modeling.load(cfg, Device("cpu", "cpu", None, bf16=True), "float32")
+    assert loaded.model.config._attn_implementation == "eager"
+
+
+def test_lora_rank_above_the_adapted_layers_width_is_a_plan_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # builtin:tiny-llama: hidden 128, 4 heads x 32 = 128 for q/k/v/o, MLP 384
+    rc, cells = plan_json(tmp_path, capsys, {"lora": {"r": 129}})
+    assert rc == 1
+    (message,) = cells[0]["problems"]
+    assert message.startswith("`lora.r` is larger than the adapted layer q_proj (128 -> 128 features")
+    assert "got 129" in message and "use lora.r <= 128" in message
+    rc, cells = plan_json(tmp_path, capsys, {"lora": {"r": 128}})
+    assert rc == 0 and cells[0]["problems"] == []
+
+
+def test_memory_estimate_counts_eager_scores_for_auto_on_gemma2(gemma2: Path) -> None:
+    from qlora_ray.memory import architecture, estimate
+
+    arch = architecture(json.loads((gemma2 / "config.json").read_text()))
+    auto = from_dict(ExperimentConfig, {"model": str(gemma2)})
+    eager = auto.replace(**{"model.attn_implementation": "eager"})
+    sdpa_like = auto.replace(**{"model.attn_implementation": "flash_attention_2", "quant.compute_dtype": "float16"})
+    assert estimate(arch, auto).peak_bytes == estimate(arch, eager).peak_bytes
+    assert estimate(arch, sdpa_like).breakdown["activations"] < estimate(arch, auto).breakdown["activations"]
+
+
+@pytest.mark.slow
+def test_gemma2_cell_with_the_default_kernel_trains_and_records_eager(gemma2: Path) -> None:
+    from qlora_ray.worker import run_experiment
+
+    cfg = from_dict(ExperimentConfig, {
+        "model": str(gemma2), "dataset": {"path": str(DATA), "eval_size": 4},
+        "quant": {"compute_dtype": "float32"},
+        "train": {"max_steps": 1, "batch_size": 2, "optim": "adamw_torch", "gradient_checkpointing": False},
+        "eval": {"max_new_tokens": 2, "before": False},
+    })
+    row = run_experiment(cfg, num_threads=1).row
+    assert row["status"] == "ok", row["error"]
+    assert row["attn_implementation"] == "eager"
