@@ -20,11 +20,15 @@ this module to build `--help`.
 from __future__ import annotations
 
 import argparse
+import ast
 import base64
 import html
 import io
+import operator
+import os
 import re
 import sys
+import uuid
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -87,9 +91,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Comma-separated columns to sort by, `-` for descending, e.g. "
                              "--sort=-tokens_per_second or --sort gpu,similarity_score. Any run "
                              "column or a table number (peak_gib, peak_vs_baseline, ...).")
-    parser.add_argument("--where", default=None, metavar="QUERY",
-                        help="Keep the rows matching a pandas query, e.g. \"gpu == 'T4'\" or "
-                             "\"status == 'ok' and lora_r >= 8\".")
+    parser.add_argument("--where", default=None, metavar="FILTER",
+                        help="Keep the rows matching comparisons of columns with values, joined by "
+                             "and / or / not, e.g. \"gpu == 'T4'\", \"status == 'ok' and lora_r >= 8\", "
+                             "\"gpu in ['T4', 'L4']\". Nothing else is evaluated (no calls, no attributes).")
     parser.add_argument("--baseline", default=None, metavar="NAME",
                         help="Run (name or experiment_id) that peak memory and card size are "
                              "relative to; default: the first ok 16-bit run in table order.")
@@ -114,6 +119,9 @@ def main(args: argparse.Namespace) -> int:
     out = args.out or report.folder
     try:
         written = write_report(report, plots, out)
+    except ReportError as e:
+        print(f"qlora-ray report: {e}", file=sys.stderr)
+        return e.code
     except OSError as e:
         print(f"qlora-ray report: could not write the report files to {out} ({e}); "
               "choose another folder with --out DIR", file=sys.stderr)
@@ -280,14 +288,106 @@ def pareto_column(df: pd.DataFrame) -> pd.Series:
 
 def _query(df: pd.DataFrame, where: str) -> pd.DataFrame:
     try:
-        out = df.query(where, engine="python")
-    except Exception as e:  # pandas raises a zoo of types for a bad expression
+        mask = where_mask(df, where)
+    except (WhereError, TypeError, ValueError) as e:
         cols = ", ".join(c for c in df.columns if c.isidentifier())
-        raise ReportError(f"--where {where!r} failed: {type(e).__name__}: {e}\n"
-                          f"columns you can use: {cols}") from e
+        raise ReportError(f"--where {where!r} failed: {e}\ncolumns you can use: {cols}") from e
+    out = df[mask]
     if out.empty:
         raise ReportError(f"no rows match --where {where!r} (of {len(df)} rows)", code=1)
     return out
+
+
+class WhereError(ValueError):
+    """A `--where` filter outside the grammar, or naming a column that does not exist."""
+
+
+_COMPARE = {ast.Eq: operator.eq, ast.NotEq: operator.ne, ast.Lt: operator.lt, ast.LtE: operator.le,
+            ast.Gt: operator.gt, ast.GtE: operator.ge}
+_WHERE_GRAMMAR = ("use comparisons of a column with a value (==, !=, <, <=, >, >=, in, not in), "
+                  "joined by and / or / not, e.g. \"gpu == 'T4' and lora_r >= 8\"")
+
+
+def where_mask(df: pd.DataFrame, where: str) -> pd.Series:
+    """Rows matching a `--where` filter, evaluated here from its syntax tree, never by eval.
+
+    The grammar: comparisons of a column with a value or another column (`==`, `!=`, `<`,
+    `<=`, `>`, `>=`, chained ones too), `in` / `not in` a list of values, `and`, `or`, `not`,
+    parentheses. Values are strings, numbers, true/false (True/False) and None (`== None`
+    keeps missing values). A row whose value is missing matches no comparison.
+    """
+    try:
+        tree = ast.parse(where.strip(), mode="eval")
+    except SyntaxError as e:
+        raise WhereError(f"it is not a filter ({e.msg}); {_WHERE_GRAMMAR}") from e
+    return _where(tree.body, df).fillna(False).astype(bool)
+
+
+def _where(node: ast.AST, df: pd.DataFrame) -> pd.Series:
+    if isinstance(node, ast.BoolOp):
+        masks = [_where(v, df).fillna(False).astype(bool) for v in node.values]
+        combine = operator.and_ if isinstance(node.op, ast.And) else operator.or_
+        out = masks[0]
+        for m in masks[1:]:
+            out = combine(out, m)
+        return out
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        return ~_where(node.operand, df).fillna(False).astype(bool)
+    if isinstance(node, ast.Compare):
+        left = _operand(node.left, df)
+        masks = []
+        for op, right_node in zip(node.ops, node.comparators, strict=True):
+            right = _operand(right_node, df, allow_list=isinstance(op, (ast.In, ast.NotIn)))
+            masks.append(_compare(op, left, right, df))
+            left = right
+        out = masks[0]
+        for m in masks[1:]:
+            out = out & m
+        return out
+    raise WhereError(f"{ast.unparse(node)!r} is not a comparison; {_WHERE_GRAMMAR}")
+
+
+def _operand(node: ast.AST, df: pd.DataFrame, allow_list: bool = False) -> Any:
+    if isinstance(node, ast.Name):
+        if node.id in ("true", "false"):
+            return node.id == "true"
+        if node.id not in df.columns:
+            raise WhereError(f"{node.id!r} is not a column")
+        return df[node.id]
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (str, int, float))):
+        return node.value
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        value = _operand(node.operand, df)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return -value
+    if allow_list and isinstance(node, (ast.List, ast.Tuple)):
+        return [_operand(e, df) for e in node.elts]
+    raise WhereError(f"{ast.unparse(node)!r} is not a column or a plain value; {_WHERE_GRAMMAR}")
+
+
+def _compare(op: ast.cmpop, left: Any, right: Any, df: pd.DataFrame) -> pd.Series:
+    import pandas as pd
+
+    if isinstance(op, (ast.In, ast.NotIn)):
+        if not isinstance(left, pd.Series) or not isinstance(right, list):
+            raise WhereError(f"`in` needs a column on the left and a list on the right; {_WHERE_GRAMMAR}")
+        if any(isinstance(v, pd.Series) for v in right):
+            raise WhereError(f"`in` takes a list of values, not columns; {_WHERE_GRAMMAR}")
+        hit = left.isin(right).fillna(False).astype(bool)
+        return ~hit if isinstance(op, ast.NotIn) else hit
+    if type(op) not in _COMPARE:
+        raise WhereError(f"{type(op).__name__} is not a comparison; {_WHERE_GRAMMAR}")
+    if not isinstance(left, pd.Series) and not isinstance(right, pd.Series):
+        raise WhereError(f"a comparison needs a column on one side; {_WHERE_GRAMMAR}")
+    if left is None or right is None:
+        column = left if right is None else right
+        if isinstance(op, ast.Eq):
+            return column.isna()
+        if isinstance(op, ast.NotEq):
+            return column.notna()
+        raise WhereError("None compares only with == and !=")
+    result = _COMPARE[type(op)](left, right)
+    return pd.Series(result, index=df.index).fillna(False).astype(bool)
 
 
 def _parse_sort(sort: str, df: pd.DataFrame) -> list[tuple[str, bool]]:
@@ -476,11 +576,20 @@ def summary(report: Report) -> str:
     return f"{n} cell{'s' if n != 1 else ''}: {', '.join(parts)}"
 
 
-def markdown_table(columns: list[Column]) -> str:
-    def esc(cell: str) -> str:
-        return cell.replace("|", "\\|")
+# Markdown renders inline HTML and links, so text from rows (names, errors: anything a
+# results folder holds) is made inert: one line, and a backslash before every character
+# that could open a tag, a link or an image, or end a table cell (CommonMark shows `\<`
+# as `<`). Backslashes are escaped too, so text cannot cancel an escape.
+_MD_SPECIAL = re.compile(r"([\\<\[\]|])")
 
-    cells = [[esc(c.header)] + [esc(x) for x in c.cells] for c in columns]
+
+def md_text(text: Any) -> str:
+    """Text for a markdown table cell or line: newlines folded, markup characters escaped."""
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(str(text).split()))
+
+
+def markdown_table(columns: list[Column]) -> str:
+    cells = [[md_text(c.header)] + [md_text(x) for x in c.cells] for c in columns]
     widths = [max(len(x) for x in col) for col in cells]
     lines = []
     for i in range(len(cells[0])):
@@ -498,12 +607,28 @@ def markdown_table(columns: list[Column]) -> str:
 
 def render_markdown(report: Report, plots: dict[str, bytes] | None = None) -> str:
     """What the CLI prints: summary, table, and what the columns mean."""
-    notes = "\n".join(f"- {n}" for n in report.notes)
-    return f"{summary(report)}\n\n{markdown_table(table_columns(report))}\n\n{notes}"
+    notes = "\n".join(f"- {md_text(n)}" for n in report.notes)
+    return f"{md_text(summary(report))}\n\n{markdown_table(table_columns(report))}\n\n{notes}"
+
+
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP "CSV
+# injection"); a leading apostrophe makes it text. Only text columns are touched.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_safe(value: Any) -> Any:
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 def render_csv(report: Report, plots: dict[str, bytes] | None = None) -> str:
+    import pandas as pd
+
     out = report.frame[CSV_COLUMNS].rename(columns={"gpu_label": "gpu"}).copy()
+    for col in out.columns:
+        if not pd.api.types.is_numeric_dtype(out[col]) and not pd.api.types.is_bool_dtype(out[col]):
+            out[col] = out[col].astype(object).map(csv_safe)
     for col, digits in [("peak_gib", 3), ("predicted_gib", 3), ("card_gib", 3),
                         ("peak_vs_baseline", 3), ("card_size_ratio", 3), ("predicted_error_pct", 1),
                         ("tokens_per_second", 1)]:
@@ -513,7 +638,7 @@ def render_csv(report: Report, plots: dict[str, bytes] | None = None) -> str:
 
 def report_markdown(report: Report, plots: dict[str, bytes]) -> str:
     """report.md: the table plus the plots, linked as the PNGs written next to it."""
-    parts = [f"# qlora-ray report: {report.title}", render_markdown(report)]
+    parts = [f"# qlora-ray report: {md_text(report.title)}", render_markdown(report)]
     for key, png in plots.items():
         if png:
             filename, caption = PLOTS[key]
@@ -581,15 +706,20 @@ def draw_plots(report: Report) -> dict[str, bytes]:
     reasons = {"memory": "no cell has a measured peak or an OOM",
                "quality": "no ok cell has both a training time and a similarity score",
                "prediction": "no ok cell has both a predicted and a measured peak"}
+    import matplotlib
+
     out: dict[str, bytes] = {}
-    for key, draw in drawers.items():
-        fig = draw(report.frame)
-        if fig is None:
-            report.notes.append(f"Plot not drawn ({PLOTS[key][0]}): {reasons[key]}.")
-            continue
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        out[key] = buf.getvalue()
+    # Labels come from rows (GPU and run names): a `$` must print as a dollar sign, not
+    # start matplotlib's math parser, which raises on what it cannot parse.
+    with matplotlib.rc_context({"text.parse_math": False}):
+        for key, draw in drawers.items():
+            fig = draw(report.frame)
+            if fig is None:
+                report.notes.append(f"Plot not drawn ({PLOTS[key][0]}): {reasons[key]}.")
+                continue
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=110)
+            out[key] = buf.getvalue()
     return out
 
 
@@ -751,7 +881,37 @@ def write_report(report: Report, plots: dict[str, bytes], out: str) -> list[str]
     files.update({PLOTS[key][0]: png for key, png in plots.items()})
     written = []
     for filename, data in files.items():
-        with fs.open_output_stream(f"{base}/{filename}") as f:
-            f.write(data)
+        _write_file(fs, f"{base}/{filename}", data)
         written.append(f"{out.rstrip('/')}/{filename}")
     return written
+
+
+def _write_file(fs: Any, path: str, data: bytes) -> None:
+    """Write a whole file atomically; on a local disk, never through a symbolic link.
+
+    A results folder is often shared: a link planted at `report.md` must not make the
+    report overwrite whatever it points to. The data goes to a new temporary file beside
+    the target (O_EXCL | O_NOFOLLOW, mode from the umask as for any new file) and is renamed
+    over it, which replaces a link rather than following it; an existing link is refused
+    with a message. Object stores have no links and show an object only when it is whole.
+    """
+    import pyarrow.fs as pafs
+
+    if not isinstance(fs, pafs.LocalFileSystem):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    if os.path.islink(path):
+        raise ReportError(f"{path} is a symbolic link (to {os.readlink(path)}); refusing to write "
+                          "through it: remove the link, or choose another folder with --out DIR", code=1)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+        raise

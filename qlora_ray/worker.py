@@ -251,15 +251,52 @@ def _free() -> None:
 
 
 def save_adapter(model: Any, results: str, spec_name: str, experiment_id: str) -> str:
-    """Save the adapter locally, then copy it to RESULTS/<spec>/adapters/<id> (path or URI)."""
+    """Save the adapter to RESULTS/<spec>/adapters/<id> (path or URI), whole or not at all.
+
+    On a local disk it is written to a new hidden folder beside its destination and renamed
+    into place (a retry's older folder is moved aside first, then deleted), so a reader never
+    sees half an adapter; a symbolic link at `adapters` or `adapters/<id>` (a shared
+    results folder) is refused instead of written through. Object stores have no links:
+    the files are saved to a local temporary folder and copied there.
+    """
     import pyarrow.fs as pafs
 
     from qlora_ray.results import resolve
 
     fs, base = resolve(results)
-    dest = f"{base}/{spec_name}/adapters/{experiment_id}"
+    parent = f"{base}/{spec_name}/adapters"
+    dest = f"{parent}/{experiment_id}"
+    if isinstance(fs, pafs.LocalFileSystem):
+        _save_adapter_locally(model, parent, dest)
+        return dest
     with tempfile.TemporaryDirectory(prefix="qlora-ray-adapter-") as tmp:
         model.save_pretrained(tmp)
         fs.create_dir(dest, recursive=True)
         pafs.copy_files(tmp, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    return dest if "://" not in results else f"{results.rstrip('/')}/{spec_name}/adapters/{experiment_id}"
+    return f"{results.rstrip('/')}/{spec_name}/adapters/{experiment_id}"
+
+
+def _save_adapter_locally(model: Any, parent: str, dest: str) -> None:
+    import os
+    import shutil
+    import uuid
+
+    for path in (parent, dest):
+        if os.path.islink(path):
+            raise RuntimeError(f"{path} is a symbolic link (to {os.readlink(path)}); refusing to save "
+                               "the adapter through it: remove the link")
+    os.makedirs(parent, exist_ok=True)
+    name = os.path.basename(dest)
+    staging = f"{parent}/.{name}.{uuid.uuid4().hex}"
+    os.mkdir(staging)  # new and exclusive; permissions from the umask, like any new folder
+    try:
+        model.save_pretrained(staging)
+        if os.path.lexists(dest):
+            old = f"{parent}/.{name}.old.{uuid.uuid4().hex}"
+            os.rename(dest, old)  # renames a link planted meanwhile, never follows it
+            os.rename(staging, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, dest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
