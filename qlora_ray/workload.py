@@ -11,7 +11,6 @@ read at plan time (that would download them): such cells get no time prediction.
 
 from __future__ import annotations
 
-import csv
 import functools
 import json
 import logging
@@ -22,6 +21,7 @@ from typing import Any
 
 from qlora_ray.config import BUILTIN_PREFIX, ConfigError, DatasetConfig, ExperimentConfig, ModelConfig
 from qlora_ray.data import PromptFormatter, check_rows, encode, pack, split_indices
+from qlora_ray.datacheck import is_local, read_rows
 from qlora_ray.throughput import expected_batch_max
 
 log = logging.getLogger(__name__)
@@ -149,28 +149,14 @@ def load_tokenizer(model: str, revision: str | None, search: Sequence[str | Path
 
 
 def read_local_rows(path: str) -> list[dict[str, Any]] | None:
-    """Rows of a local .jsonl/.json/.csv/.parquet file; None for anything else (hub names)."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        return None
-    suffix = p.suffix.lower()
-    if suffix == ".jsonl":
-        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    if suffix == ".json":
-        text = p.read_text()
-        try:
-            data = json.loads(text)
-        except ValueError:  # JSON lines under a .json name, as `datasets` also accepts
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        return data if isinstance(data, list) else None
-    if suffix == ".csv":
-        with p.open(newline="") as f:
-            return list(csv.DictReader(f))
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+    """Rows of a local .jsonl/.json/.csv/.parquet file; None for anything else (hub names).
 
-        return pq.read_table(p).to_pylist()
-    return None
+    The reader `plan` checks files with and the worker trains from (`datacheck.read_rows`),
+    so the counted rows are the trained ones; a broken file raises its ConfigError.
+    """
+    if not Path(path).expanduser().is_file() or not is_local(path):
+        return None
+    return read_rows(path)
 
 
 @functools.lru_cache(maxsize=64)

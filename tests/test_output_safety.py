@@ -92,7 +92,7 @@ def test_adapter_folder_symlink_is_refused(tmp_path: Path, peft_model) -> None:
     adapters = tmp_path / "results" / "spec" / "adapters"
     adapters.mkdir(parents=True)
     (adapters / "abc123").symlink_to(victim)
-    with pytest.raises(RuntimeError, match="is a symbolic link .* refusing to save the adapter"):
+    with pytest.raises(RuntimeError, match=r"is a symbolic link .* refusing to save the adapter"):
         save_adapter(peft_model, str(tmp_path / "results"), "spec", "abc123")
     assert [p.name for p in victim.iterdir()] == ["keep.txt"]
     assert [p.name for p in adapters.iterdir()] == ["abc123"]
