@@ -155,10 +155,11 @@ HOSTILE = {
 
 def hostile_rows() -> list[dict]:
     rows = grid_rows()
-    rows.append(row("=cmd|' /C calc'!A0", gpu="$\\frac{x}{$ card", status="failed",
+    rows.append(row("=cmd|' /C calc'!A0", gpu="$x^2$", status="failed",
                     error="@SUM(1+1)\n# heading\n<script>alert(1)</script> [a](javascript:x) ![i](http://x)",
                     peak_memory_bytes=None))
-    rows.append(row("+plus", gpu="$x^2$", spec_name="evil\n# injected <b>title</b>"))
+    # an ok row (so it is plotted) on a card whose label is not valid math text
+    rows.append(row("+plus", gpu="$\\frac{x}{$ card", spec_name="evil\n# injected <b>title</b>"))
     return rows
 
 
