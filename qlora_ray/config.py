@@ -433,6 +433,11 @@ class ExperimentConfig:
         """Deterministic hash of the resolved recipe (the name is not part of it)."""
         payload = to_dict(self)
         payload.pop("name")
+        # `auto` became the attention default after 0.1.0, whose default was `sdpa`: for
+        # every model 0.1.0 could train, auto runs sdpa, so both are one identity and
+        # finished cells keep their ids (Gemma-2, where auto means eager, never ran with sdpa).
+        if payload["model"]["attn_implementation"] == "auto":
+            payload["model"]["attn_implementation"] = "sdpa"
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 

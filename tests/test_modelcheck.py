@@ -19,6 +19,7 @@ from qlora_ray.modelcheck import ATTENTION_SUPPORT, effective_attention
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "experiments" / "data" / "fin_sentiment.jsonl"
+EXAMPLE_FIRST_ID_0_1_0 = "f4bc0d02534c"  # experiments/example.yaml's first cell at ca2c96e
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +124,13 @@ def test_gemma2_cell_with_the_default_kernel_trains_and_records_eager(gemma2: Pa
     row = run_experiment(cfg, num_threads=1).row
     assert row["status"] == "ok", row["error"]
     assert row["attn_implementation"] == "eager"
+
+
+def test_the_auto_default_keeps_the_ids_cells_had_when_sdpa_was_the_default() -> None:
+    from qlora_ray.grid import load_spec
+
+    for cell in load_spec(ROOT / "experiments" / "example.yaml").cells:
+        assert cell.model.attn_implementation == "auto"
+        assert cell.experiment_id == cell.replace(**{"model.attn_implementation": "sdpa"}).experiment_id
+    # the first cell's id as qlora-ray at ca2c96e (default sdpa) computed it
+    assert load_spec(ROOT / "experiments" / "example.yaml").cells[0].experiment_id == EXAMPLE_FIRST_ID_0_1_0
