@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from qlora_ray.docs_gen import config_reference
@@ -19,3 +20,32 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert "scripts/test.sh" in readme and "scripts/test.sh" in ci
     assert "scripts/quickstart.sh" in readme
+
+
+SECRET_NAME = r"[A-Z0-9_]*(?:TOKEN|SECRET|PASSWORD|ACCESS_KEY)[A-Z0-9_]*"
+# Builtins run in the shell itself: their arguments are on no process's command line.
+SHELL_BUILTINS = {"printf", "echo", "export", "read", "local"}
+
+
+def test_no_documented_command_puts_an_expanded_secret_on_its_command_line():
+    """`ps` shows every user a process's arguments: tokens go through files, pipes or the env.
+
+    A shell variable assigned from a secret (`JOB_ENV="...$HF_TOKEN..."`) is a secret too.
+    """
+    offenders = []
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), *sorted((ROOT / "k8s").rglob("*.yaml"))]
+    for path in docs:
+        lines = path.read_text().splitlines()
+        names = SECRET_NAME
+        for line in lines:  # names assigned from a secret expansion, anywhere in the file
+            assigned = re.match(r"\s*(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)", line)
+            if assigned and re.search(rf"\$\{{?{names}\b", assigned.group(2)):
+                names = rf"(?:{names}|{assigned.group(1)})"
+        expansion = re.compile(rf"\$\{{?{names}\b")
+        for number, line in enumerate(lines, start=1):
+            for segment in re.split(r"\||&&|;|\(|\)", line.strip().lstrip("#").strip()):
+                words = segment.split()
+                if (expansion.search(segment) and words and words[0] not in SHELL_BUILTINS
+                        and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=\S*", words[0])):
+                    offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert offenders == []
