@@ -596,6 +596,7 @@ def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
         "model": cfg.model.name,
         "model_revision": cfg.model.revision,
         "attn_implementation": cfg.model.attn_implementation,
+        "trust_remote_code": cfg.model.trust_remote_code,
         "dataset": cfg.dataset.path,
         "quant_bits": cfg.quant.bits,
         "quant_type": cfg.quant.type if cfg.quant.bits == 4 else None,

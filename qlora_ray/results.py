@@ -45,6 +45,7 @@ RUN_COLUMNS: dict[str, pa.DataType] = {
     "model": pa.string(),
     "model_revision": pa.string(),
     "attn_implementation": pa.string(),
+    "trust_remote_code": pa.bool_(),  # whether the model's own code from the hub ran
     "dataset": pa.string(),
     "quant_bits": pa.int32(),
     "quant_type": pa.string(),

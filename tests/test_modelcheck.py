@@ -134,3 +134,15 @@ def test_the_auto_default_keeps_the_ids_cells_had_when_sdpa_was_the_default() ->
         assert cell.experiment_id == cell.replace(**{"model.attn_implementation": "sdpa"}).experiment_id
     # the first cell's id as qlora-ray at ca2c96e (default sdpa) computed it
     assert load_spec(ROOT / "experiments" / "example.yaml").cells[0].experiment_id == EXAMPLE_FIRST_ID_0_1_0
+
+
+def test_trust_remote_code_is_off_by_default_and_recorded_in_the_row(tmp_path: Path) -> None:
+    from qlora_ray.config import flatten
+    from qlora_ray.results import empty_row, read_run_rows, write_run
+
+    cfg = from_dict(ExperimentConfig, {})
+    assert cfg.model.trust_remote_code is False
+    for trusted in (False, True):
+        row = {**empty_row(), **flatten(cfg.replace(**{"model.trust_remote_code": trusted})), "status": "ok"}
+        write_run(str(tmp_path), "s", row)
+        assert read_run_rows(str(tmp_path), "s")[row["experiment_id"]]["trust_remote_code"] is trusted
