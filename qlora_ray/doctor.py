@@ -286,13 +286,16 @@ def spec_checks(spec: Any, model_configs: list[str], nodes: list[dict[str, Any]]
             gated = any(s in text for s in ("Gated", "gated", "401", "403", "Unauthorized"))
             if gated or not os.environ.get("HF_TOKEN"):
                 fix = ("a gated model (Llama) needs its licence accepted on the hub and your token: "
-                       "HF_TOKEN=hf_... (under `ray job submit`, in --runtime-env-json's env_vars); "
+                       "HF_TOKEN=hf_... (under `ray job submit`, in the env_vars of --runtime-env FILE, "
+                       "docs/cluster.md); "
                        "offline: --model-configs DIR")
             else:
                 fix = "a folder holding config.json as model.name, or --model-configs DIR"
             out.append(Check("fail", "config.json", text[:400], fix))
-    out += _dataset_checks(spec)
-    if not unreadable:
+    data = _dataset_checks(spec)
+    out += data
+    # Planning reads the data too (token counts); a broken file is already reported above.
+    if not unreadable and all(c.status != "fail" for c in data):
         plans = plan_spec(spec, model_configs=model_configs)
         bad = [p for p in plans if p.problems]
         if bad:
@@ -334,14 +337,29 @@ def _gpu_type_check(gpu: str, profile: Any, spec: Any, nodes: list[dict[str, Any
 
 
 def _dataset_checks(spec: Any) -> list[Check]:
+    from qlora_ray.datacheck import check_dataset
+
     out = []
     for path in sorted({c.dataset.path for c in spec.cells}):
         local = Path(path).expanduser()
-        if local.exists():
+        if local.is_file():
+            # The check `plan` and `run` make: every line parsed, fields and template checked.
+            problems: list[str] = []
+            usable = set()
+            for d in dict.fromkeys(c.dataset for c in spec.cells if c.dataset.path == path):
+                try:
+                    usable.add(check_dataset(d).usable)
+                except ConfigError as e:
+                    problems += [p for p in e.problems if p not in problems]
+            if problems:
+                out += [Check("fail", "dataset", p.split("; ")[0], p.split("; ", 1)[-1]) for p in problems]
+            else:
+                out.append(Check("ok", "dataset", f"{path}: {max(usable)} rows with an answer"))
+        elif local.exists():
             try:
                 with open(local, "rb") as f:
                     f.read(1)
-                out.append(Check("ok", "dataset", f"{path}: readable"))
+                out.append(Check("ok", "dataset", f"{path}: readable (a folder, loaded by the workers)"))
             except OSError as e:
                 out.append(Check("fail", "dataset", f"{path}: {e}", "make it readable by this user"))
         elif "/" in path and not path.startswith((".", "/", "~")) and path.count("/") == 1:

@@ -153,6 +153,15 @@ def test_a_missing_dataset_says_paths_are_relative_to_the_working_directory(tmp_
     assert ds.status == "fail" and "--working-dir" in ds.fix
 
 
+def test_a_broken_dataset_line_is_named_as_plan_and_run_name_it(tmp_path: Path) -> None:
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"instruction": "q", "input": "", "output": "a"}\n{"instruction": "b" "output": "y"}\n')
+    spec = _spec(tmp_path, dataset={"path": str(data), "eval_size": 1})
+    (ds,) = by_name(doctor.spec_checks(spec, [str(CONFIGS)], NODES, AutoscalerView("v1")), "dataset")
+    assert ds.status == "fail" and ds.detail.startswith(f"`{data}:2` is not valid JSON")
+    assert "write one JSON object per line" in ds.fix
+
+
 def test_results_probe_writes_and_removes_its_object_and_explains_failures(tmp_path: Path) -> None:
     ok = doctor.results_check(str(tmp_path / "results"))
     assert ok.status == "ok" and not (tmp_path / "results").exists()  # made for the probe, then removed
