@@ -34,6 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from qlora_ray import report_cost
+
 if TYPE_CHECKING:
     import pandas as pd
     from matplotlib.figure import Figure
@@ -49,6 +51,7 @@ CSV_COLUMNS = [
     "grad_accum", "train_seconds", "train_time", "tokens_per_second", "similarity_score_before",
     "similarity_score", "accuracy", "f1", "peak_gib", "memory_source", "peak_vs_baseline", "card_gib",
     "card_size_ratio", "predicted_gib", "predicted_error_pct", "pareto", "status", "error_phase", "error",
+    *report_cost.CSV_COLUMNS,
 ]
 
 # The default row order: smallest card first, then the 16-bit baseline before quantized cells.
@@ -67,6 +70,7 @@ PLOTS = {
     "prediction": ("report-predicted-vs-measured.png",
                    "The planner's predicted peak against the measured peak; on the diagonal the "
                    "prediction was exact, above it the run used more than predicted."),
+    "cost": report_cost.PLOT,
 }
 
 
@@ -170,6 +174,7 @@ def build_report(
     if where:
         df = _query(df, where)
     df["pareto"] = pareto_column(df)
+    df["pareto_cost"] = report_cost.pareto_cost_column(df)
     if sort:
         df = _sorted(df, _parse_sort(sort, df))
     spec_names = df["spec_name"].dropna()
@@ -193,7 +198,7 @@ def derive(df: pd.DataFrame) -> pd.DataFrame:
     df["predicted_gib"] = df["predicted_peak_bytes"].astype("Float64") / GIB
     # Positive: the planner over-predicted (safe side); negative: the run used more.
     df["predicted_error_pct"] = (df["predicted_gib"] - df["peak_gib"]) / df["peak_gib"] * 100
-    return df
+    return report_cost.derive(df)
 
 
 def approach_label(bits: Any, quant_type: Any) -> str:
@@ -437,7 +442,7 @@ def explain(report: Report, where: str | None) -> list[str]:
     notes.append("Similarity: 1 - cosine similarity of generated and reference answers, before -> "
                  "after training; lower is better. Pareto: on the front of training time against "
                  "similarity among the ok rows shown.")
-    return notes
+    return notes + report_cost.notes(df)
 
 
 # ---------------------------------------------------------------------------------------
@@ -553,11 +558,15 @@ def table_columns(report: Report) -> list[Column]:
         col("Epochs", _epochs, True),
         col("Batch x accum", _batch, True),
         col("Training time", lambda r: str(r["train_time"]), True),
+        col("Predicted time (error)", report_cost.predicted_time, True),
         col("Tokens/s", lambda r: _tokens(r["tokens_per_second"]), True),
         col("Similarity (before -> after)", _similarity, True),
     ]
     if report.frame[["accuracy", "f1"]].notna().any().any():
         columns.append(col("Accuracy / F1", _accuracy_f1, True))
+    if report_cost.has_prices(report.frame):
+        columns += [col("Cost", lambda r: report_cost.money(r["cost_usd"]), True),
+                    col("$ per quality point", lambda r: report_cost.money(r["usd_per_quality_point"]), True)]
     columns += [
         col("Peak GiB", lambda r: _peak(r, show_source), True),
         col("Peak vs baseline", lambda r: format_ratio(r["peak_vs_baseline"]), True),
@@ -631,7 +640,9 @@ def render_csv(report: Report, plots: dict[str, bytes] | None = None) -> str:
             out[col] = out[col].astype(object).map(csv_safe)
     for col, digits in [("peak_gib", 3), ("predicted_gib", 3), ("card_gib", 3),
                         ("peak_vs_baseline", 3), ("card_size_ratio", 3), ("predicted_error_pct", 1),
-                        ("tokens_per_second", 1)]:
+                        ("tokens_per_second", 1), ("predicted_seconds", 1),
+                        ("predicted_time_error_pct", 1), ("cell_seconds", 1), ("cost_usd", 4),
+                        ("usd_per_quality_point", 4)]:
         out[col] = out[col].round(digits)
     return out.to_csv(index=False).rstrip("\n")
 
@@ -702,10 +713,12 @@ def render_html(report: Report, plots: dict[str, bytes]) -> str:
 
 def draw_plots(report: Report) -> dict[str, bytes]:
     """PNG bytes per plot key; a plot with nothing to show is left out and noted."""
-    drawers = {"memory": plot_memory, "quality": plot_quality, "prediction": plot_prediction}
+    drawers = {"memory": plot_memory, "quality": plot_quality, "prediction": plot_prediction,
+               "cost": report_cost.plot}
     reasons = {"memory": "no cell has a measured peak or an OOM",
                "quality": "no ok cell has both a training time and a similarity score",
-               "prediction": "no ok cell has both a predicted and a measured peak"}
+               "prediction": "no ok cell has both a predicted and a measured peak",
+               "cost": "no ok cell has both a cost (or held time) and a similarity score"}
     import matplotlib
 
     out: dict[str, bytes] = {}

@@ -101,6 +101,17 @@ RUN_COLUMNS: dict[str, pa.DataType] = {
     "peak_nvml_bytes": pa.int64(),
     "peak_rss_bytes": pa.int64(),
     "predicted_peak_bytes": pa.int64(),
+    # time and cost: the planner's prediction (timing.TimePrediction) and the price it used
+    "predicted_tokens_per_second": pa.float64(),
+    "predicted_seconds": pa.float64(),  # training; compare with train_seconds
+    "predicted_eval_seconds": pa.float64(),
+    "predicted_gpu_seconds": pa.float64(),  # the whole cell; compare with finished - started
+    "predicted_usd": pa.float64(),
+    "usd_per_hour": pa.float64(),
+    "predicted_train_tokens": pa.int64(),
+    "predicted_steps": pa.int32(),
+    "time_efficiency": pa.float64(),
+    "time_calibration": pa.string(),
     # evaluation
     "similarity_score": pa.float64(),
     "similarity_score_before": pa.float64(),

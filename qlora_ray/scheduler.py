@@ -87,6 +87,12 @@ class Cell:
     waiting_since: float | None = None  # since when no live or coming node could run it
     ref: Any = None
     resources: dict[str, float] = field(default_factory=dict)
+    predicted: dict[str, Any] = field(default_factory=dict)
+    """The planner's time and cost columns (planner.TIME_KEYS), copied into the row."""
+
+    @property
+    def predicted_seconds(self) -> float:
+        return self.predicted.get("predicted_seconds") or 0.0
 
 
 def main(args: argparse.Namespace) -> int:
@@ -133,7 +139,7 @@ def run_spec(
         results = os.path.abspath(results)
 
     # Plan first: cells that cannot run as specified stop the run before Ray starts.
-    from qlora_ray.planner import plan_spec
+    from qlora_ray.planner import TIME_KEYS, plan_spec
 
     plans = plan_spec(spec, model_configs=model_configs or ())
     unfit = [p for p in plans if p.problems]
@@ -150,9 +156,11 @@ def run_spec(
     for plan in plans:
         prev = existing.get(plan.experiment_id)
         attempt = int(prev.get("attempt") or 0) + 1 if prev else 1
+        predicted = plan.to_json()
+        predicted = {k: predicted[k] for k in TIME_KEYS}
         if plan.problems:
             row = _driver_row(plan.config, plan.experiment_id, spec.name, "skipped",
-                              "; ".join(plan.problems), attempt, plan.predicted_peak_bytes)
+                              "; ".join(plan.problems), attempt, plan.predicted_peak_bytes, predicted)
             write_run(results, spec.name, row)
             kept[plan.experiment_id] = row
             continue
@@ -160,7 +168,11 @@ def run_spec(
             kept[plan.experiment_id] = prev
             continue
         todo.append(Cell(plan.config, plan.experiment_id, plan.batch_size, plan.predicted_peak_bytes,
-                         plan.profile, attempt))
+                         plan.profile, attempt, predicted=predicted))
+    # Longest predicted first: the long cells start while the short ones fill in around them,
+    # so the grid does not end waiting on one long cell started last (stable: spec order
+    # among equals; cells without a prediction go last).
+    todo.sort(key=lambda c: -c.predicted_seconds)
     print(f"{spec.name}: {len(plans)} cells, {len(kept)} already have a row, {len(todo)} to run "
           f"-> {results.rstrip('/')}/{spec.name}/runs/", file=out)
 
@@ -316,6 +328,7 @@ def _run_cells(
             for ref in done:
                 cell = running.pop(ref)
                 row, samples = _collect(ref, cell, spec)
+                row.update(cell.predicted)
                 _write(results, spec.name, row, samples)
                 rows[cell.experiment_id] = row
                 progress.finished(row)
@@ -384,7 +397,7 @@ def _collect(ref: Any, cell: Cell, spec: Spec) -> tuple[dict[str, Any], list[dic
     except (rex.WorkerCrashedError, rex.NodeDiedError, rex.RayTaskError, rex.RayError) as e:
         status, error = "failed", f"{type(e).__name__}: {_first_line(e)}"
     return _driver_row(cell.config, cell.experiment_id, spec.name, status, error, cell.attempt,
-                       cell.predicted_peak_bytes), []
+                       cell.predicted_peak_bytes, cell.predicted), []
 
 
 def _first_line(exc: BaseException) -> str:
@@ -424,7 +437,7 @@ def _expire_unschedulable(
         running.pop(cell.ref)
         error = unschedulable_reason(view, cell.resources, cell.config.gpu, limit)
         row = _driver_row(cell.config, cell.experiment_id, spec.name, "unschedulable", error,
-                          cell.attempt, cell.predicted_peak_bytes)
+                          cell.attempt, cell.predicted_peak_bytes, cell.predicted)
         write_run(results, spec.name, row)
         rows[cell.experiment_id] = row
         progress.finished(row)
@@ -445,7 +458,7 @@ def _prebuild_builtin_models(cells: list[Cell]) -> None:
 
 def _driver_row(
     cfg: ExperimentConfig, experiment_id: str, spec_name: str, status: str, error: str,
-    attempt: int, predicted_peak_bytes: int | None,
+    attempt: int, predicted_peak_bytes: int | None, predicted: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A row for a cell whose task never produced one (skipped, unschedulable, crashed)."""
     from qlora_ray import provenance
@@ -456,7 +469,7 @@ def _driver_row(
     row.update(provenance.collect())
     row.update(experiment_id=experiment_id, spec_name=spec_name, status=status, error=error,
                attempt=attempt, predicted_peak_bytes=predicted_peak_bytes, started_at=now,
-               finished_at=now)
+               finished_at=now, **(predicted or {}))
     return row
 
 

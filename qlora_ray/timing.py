@@ -81,9 +81,9 @@ class TimePrediction:
         """The plan's `--json` fields and the row's columns (same names)."""
         return {
             "predicted_tokens_per_second": round(self.tokens_per_second, 1),
-            "predicted_seconds": round(self.train_seconds, 1),
-            "predicted_eval_seconds": round(self.eval_seconds, 1),
-            "predicted_gpu_seconds": round(self.gpu_seconds, 1),
+            "predicted_seconds": round(self.train_seconds, 3),
+            "predicted_eval_seconds": round(self.eval_seconds, 3),
+            "predicted_gpu_seconds": round(self.gpu_seconds, 3),
             "predicted_usd": None if self.usd is None else round(self.usd, 6),
             "usd_per_hour": self.usd_per_hour,
             "predicted_train_tokens": self.train_tokens,

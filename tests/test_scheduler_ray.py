@@ -204,6 +204,10 @@ def test_ray_job_submit_runs_the_quickstart(cluster, tmp_path):
     assert str(df["started_at"].dtype).startswith("datetime64") and df["started_at"].dt.tz is not None
     assert df["ray_node_id"].notna().all()
     assert os.path.isdir(results / spec["name"] / "samples")
+    # The planner counted the very tokens and steps the Trainer saw, and said how long.
+    assert (df["predicted_train_tokens"] == df["train_tokens"]).all()
+    assert (df["predicted_steps"] == df["train_steps"]).all()
+    assert (df["predicted_seconds"] > 0).all() and (df["predicted_gpu_seconds"] > df["predicted_seconds"]).all()
 
 
 def test_on_a_cluster_that_cannot_grow_a_missing_gpu_type_is_unschedulable_at_once(cluster, tmp_path):
@@ -308,3 +312,20 @@ def test_doctor_reports_nodes_gpus_and_what_the_spec_needs(cluster, tmp_path, mo
     assert len(no_cuda) == 2, text
     assert len([ln for ln in lines if ln.startswith("ok    node 127.0.0.1 bitsandbytes")]) == 2
     assert one("ok    results").endswith("wrote, read back and deleted a probe object")
+
+
+def test_longest_predicted_cell_starts_first_and_rows_carry_the_prediction(cluster, tmp_path):
+    # Spec order is short, long; with one slot the driver must start the long one first.
+    spec = write_spec(tmp_path / "order.yaml", "order",
+                      runs=[{"name": "short", "train.max_steps": 1}, {"name": "long", "train.max_steps": 6}])
+    results = tmp_path / "results"
+    proc = cluster.qlora_ray("run", str(spec), "--results", str(results), "--address", cluster.address,
+                             "--max-parallel", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    df = read_runs(results, "order").sort_values("started_at")
+    assert df["name"].tolist() == ["long", "short"]
+    assert (df["predicted_seconds"] > 0).all() and df["train_seconds"].notna().all()
+    assert (df["predicted_steps"] == df["train_steps"]).all()
+    long, short = df.set_index("name").loc["long"], df.set_index("name").loc["short"]
+    assert long.predicted_seconds > short.predicted_seconds
+    assert long.time_calibration == "default" and pd.isna(long.predicted_usd)  # CPU: no price
