@@ -48,8 +48,6 @@ class Factors:
 
     train_efficiency: float | None = None
     """Replaces the profile's default efficiency factor for training."""
-    other_scale: float = 1.0
-    """Multiplies the predicted setup + evaluation time."""
     source: str = "default"
     """Where the factors come from: `default`, or the calibration key that matched."""
 
@@ -133,8 +131,8 @@ def predict(
     return TimePrediction(
         tokens_per_second=tokens_per_step / step_seconds,
         train_seconds=steps * step_seconds,
-        eval_seconds=passes * evaluate * factors.other_scale,
-        setup_seconds=setup * factors.other_scale,
+        eval_seconds=passes * evaluate,
+        setup_seconds=setup,
         train_tokens=round(steps * tokens_per_step),
         steps=steps,
         usd_per_hour=profile.usd_per_hour if profile is not None else None,
@@ -165,3 +163,61 @@ def _eval_work(cfg: ExperimentConfig, arch: Architecture, profile: GpuProfile | 
     embed = forward(batch_size=rows, seq_len=new) + forward(batch_size=rows, seq_len=reference)
     loss = forward(batch_size=rows, seq_len=lengths.batch_max("eval_examples", rows))
     return (generate + embed + loss) * batches
+
+
+# ---------------------------------------------------------------------------------------
+# calibration: the efficiency factor measured rows imply
+
+ANY = "*"
+
+
+def row_efficiency(row: dict[str, Any]) -> float | None:
+    """The efficiency factor at which this row's own prediction would have been exact.
+
+    Predicted tokens/s are proportional to the factor (`throughput.seconds` divides by it),
+    so the factor that fits is the one used times measured over predicted; taking the row's
+    own factor out this way means recalibrating never compounds. None for rows that did not
+    train, were not predicted, or ran on the CPU in place of the GPU they were planned for.
+    """
+    if row.get("status") != "ok" or row.get("cpu_fallback"):
+        return None
+    measured, predicted = row.get("tokens_per_second"), row.get("predicted_tokens_per_second")
+    used = row.get("time_efficiency")
+    if not all(isinstance(x, (int, float)) and x > 0 for x in (measured, predicted, used)):
+        return None
+    return float(used) * float(measured) / float(predicted)
+
+
+def efficiency_keys(family: str, gpu: str | None) -> list[str]:
+    """Calibration groups a cell looks in, most specific first.
+
+    CPU and GPU factors are on different scales (the CPU profile's peak is nominal), so CPU
+    rows only ever inform CPU cells.
+    """
+    gpu = gpu or "cpu"
+    if gpu == "cpu":
+        return [f"{family}/cpu", f"{ANY}/cpu"]
+    return [f"{family}/{gpu}", f"{family}/{ANY}", f"{ANY}/{gpu}", f"{ANY}/{ANY}"]
+
+
+def fit_efficiency(rows: list[dict[str, Any]], family: Any) -> dict[str, dict[str, Any]]:
+    """The `throughput` calibration section: per group, the median factor its rows imply.
+
+    `family(row)` names the row's architecture family. `spread` is the largest relative
+    deviation of a row from the median: how well one factor describes the group.
+    """
+    import statistics
+
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        eff = row_efficiency(r)
+        if eff is None:
+            continue
+        for key in efficiency_keys(family(r), r.get("gpu")):
+            groups.setdefault(key, []).append(eff)
+    out = {}
+    for key, values in sorted(groups.items()):
+        median = statistics.median(values)
+        out[key] = {"efficiency": round(median, 4),
+                    "spread": round(max(abs(v / median - 1) for v in values), 4), "rows": len(values)}
+    return out

@@ -31,7 +31,7 @@ from qlora_ray.throughput import (
     seconds,
     train_microbatch,
 )
-from qlora_ray.timing import train_steps
+from qlora_ray.timing import efficiency_keys, fit_efficiency, row_efficiency, train_steps
 from qlora_ray.workload import data_lengths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -242,3 +242,35 @@ def test_a_hub_dataset_gets_no_time_but_still_plans(tmp_path: Path) -> None:
     (plan,) = plan_spec(load_spec(path))
     assert plan.time is None and plan.fits
     assert any("org/some-dataset" in n for n in plan.notes)
+
+
+# ---------------------------------------------------------------------------------------
+# calibration from measured rows
+
+
+def measured(gpu: str | None, used: float, predicted: float, tps: float, **extra: Any) -> dict[str, Any]:
+    return {"status": "ok", "gpu": gpu, "cpu_fallback": False, "time_efficiency": used,
+            "predicted_tokens_per_second": predicted, "tokens_per_second": tps, **extra}
+
+
+def test_row_efficiency_is_the_factor_that_would_have_been_exact() -> None:
+    # Planned at 0.7 for 1,000 tok/s, measured 1,200: the factor that fits is 0.84, and
+    # re-predicting at 0.84 gives the measurement (tokens/s are proportional to the factor).
+    assert row_efficiency(measured("T4", 0.7, 1000, 1200)) == pytest.approx(0.84)
+    assert row_efficiency(measured("T4", 0.84, 1200, 1200)) == pytest.approx(0.84)  # no compounding
+    assert row_efficiency({**measured("T4", 0.7, 1000, 1200), "status": "oom"}) is None
+    assert row_efficiency({**measured("T4", 0.7, 1000, 1200), "cpu_fallback": True}) is None
+    assert row_efficiency(measured("T4", 0.7, None, 1200)) is None  # type: ignore[arg-type]
+
+
+def test_fit_groups_by_family_and_card_and_keeps_cpu_apart() -> None:
+    rows = [measured("T4", 0.7, 1000, 1000), measured("T4", 0.7, 1000, 800),
+            measured("L4", 0.7, 1000, 1400), measured(None, 1.0, 3000, 1500)]
+    fitted = fit_efficiency(rows, lambda r: "llama")
+    assert fitted["llama/T4"]["efficiency"] == pytest.approx(0.63) and fitted["llama/T4"]["rows"] == 2
+    assert fitted["llama/L4"]["efficiency"] == pytest.approx(0.98)
+    assert fitted["llama/cpu"]["efficiency"] == pytest.approx(0.5)
+    assert fitted["llama/*"]["rows"] == 3 and fitted["*/*"]["rows"] == 3  # the GPU rows only
+    assert fitted["llama/T4"]["spread"] == pytest.approx(0.7 / 0.63 - 1, abs=1e-3)
+    assert efficiency_keys("qwen2", "A100-40G") == ["qwen2/A100-40G", "qwen2/*", "*/A100-40G", "*/*"]
+    assert efficiency_keys("llama", None) == ["llama/cpu", "*/cpu"]
