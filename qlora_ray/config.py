@@ -31,6 +31,12 @@ LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-llama",)
 
+# (section path, field, default) of every field added after 0.1.0: see experiment_id.
+ADDED_AFTER_0_1_0: tuple[tuple[tuple[str, ...], str, Any], ...] = (
+    (("model",), "use_safetensors", True),
+    (("eval", "similarity"), "revision", None),
+)
+
 # Upper bounds (far above any real run; they stop typos and hostile specs, not research).
 MAX_LORA_RANK = 4096
 MAX_EPOCHS = 1000
@@ -113,6 +119,11 @@ class ModelConfig:
         "Attention kernel: auto (what transformers picks for the architecture: sdpa where the "
         "model supports it, else eager; the row records the kernel used), eager, sdpa or "
         "flash_attention_2.",
+    )
+    use_safetensors: bool = _f(
+        True,
+        "Load the model's (and a fixed embedder's) weights only from .safetensors files, never "
+        "unpickled; false lets transformers fall back to a repo's PyTorch .bin files.",
     )
 
     def problems(self) -> list[str]:
@@ -341,11 +352,19 @@ class SimilarityConfig:
         "`self` (the evaluated model's own mean-pooled last hidden state, as the seed results) "
         "or a fixed model path / hub id, so that scores compare across quantizations.",
     )
+    revision: str | None = _f(
+        None,
+        "Hub revision (commit, tag or branch) of a fixed embedder: pin a commit so scores stay "
+        "comparable over time. The commit used is recorded in the row (`embedder_revision`).",
+    )
 
     def problems(self) -> list[str]:
         if not self.embedder:
             return [problem("eval.similarity.embedder", self.embedder, "must not be empty",
                             "use `self` or a model path")]
+        if self.revision is not None and self.embedder == "self":
+            return [problem("eval.similarity.revision", self.revision, "pins a fixed embedder, and "
+                            "eval.similarity.embedder is `self`", "remove it, or name the embedder")]
         return []
 
     def __post_init__(self) -> None:
@@ -438,6 +457,14 @@ class ExperimentConfig:
         # finished cells keep their ids (Gemma-2, where auto means eager, never ran with sdpa).
         if payload["model"]["attn_implementation"] == "auto":
             payload["model"]["attn_implementation"] = "sdpa"
+        # Fields added after 0.1.0 count only when they differ from their default, so adding
+        # them changed no id (finished cells are not rerun after an upgrade).
+        for section, key, default in ADDED_AFTER_0_1_0:
+            node = payload
+            for part in section:
+                node = node[part]
+            if node.get(key) == default:
+                node.pop(key)
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -621,6 +648,7 @@ def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
         "packing": cfg.dataset.packing,
         "eval_max_new_tokens": cfg.eval.max_new_tokens,
         "embedder": cfg.eval.similarity.embedder,
+        "embedder_revision": cfg.eval.similarity.revision,
         "emulate_profile": cfg.emulate_profile,
         "config_json": json.dumps(to_dict(cfg), sort_keys=True),
     }

@@ -12,6 +12,7 @@ better; 0 means identical embeddings.
 from __future__ import annotations
 
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -139,12 +140,27 @@ def _input_device(model: Any) -> Any:
 
 
 class Embedder:
-    """`self` embeds with the evaluated model; anything else is a fixed model, loaded once."""
+    """`self` embeds with the evaluated model; anything else is a fixed model, loaded once.
 
-    def __init__(self, spec: str, device: str):
+    A fixed model is loaded at `revision` (pin a commit: a branch moves), from safetensors
+    only unless `use_safetensors` is False; `commit` says which commit it came from.
+    """
+
+    def __init__(self, spec: str, device: str, revision: str | None = None, use_safetensors: bool = True):
         self.spec = spec
+        self.revision = revision
+        self.use_safetensors = use_safetensors
         self._fixed: tuple[Any, Any] | None = None
         self._device = device
+
+    @property
+    def commit(self) -> str | None:
+        """The hub commit of the fixed model's files (None for `self` or a local folder)."""
+        if self.spec == "self" or os.path.isdir(os.path.expanduser(self.spec)):
+            return None
+        from qlora_ray.provenance import hub_commit
+
+        return hub_commit(self.spec, self.revision) or self.revision
 
     def __call__(self, model: Any, tokenizer: Any, texts: list[str], batch_size: int) -> np.ndarray:
         if self.spec == "self":
@@ -152,10 +168,12 @@ class Embedder:
         if self._fixed is None:
             from transformers import AutoModel, AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(self.spec)
+            tok = AutoTokenizer.from_pretrained(self.spec, revision=self.revision)
             if tok.pad_token is None:
                 tok.pad_token = tok.eos_token
-            self._fixed = (AutoModel.from_pretrained(self.spec).to(self._device).eval(), tok)
+            model = AutoModel.from_pretrained(self.spec, revision=self.revision,
+                                              use_safetensors=True if self.use_safetensors else None)
+            self._fixed = (model.to(self._device).eval(), tok)
         return embed(self._fixed[0], self._fixed[1], texts, batch_size)
 
 

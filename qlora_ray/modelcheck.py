@@ -1,13 +1,15 @@
 """What a model's architecture allows, decided from its `config.json` alone (no torch).
 
-Two checks `plan` runs on every cell, so that a cell that would fail at load in every
-worker is a plan problem instead:
+Checks `plan` runs on every cell, so that a cell that would fail at load in every worker
+is a plan problem instead:
 
 - attention kernel: `model.attn_implementation: auto` (the default) becomes what
   transformers itself picks when it is given none, sdpa where the model class supports it
   and eager otherwise; an explicit choice the class does not support is a problem.
 - LoRA rank: a rank above the smaller dimension of an adapted layer adds parameters that
   cannot raise the update's rank; it is a problem, with the largest rank that makes sense.
+- weights: with `model.use_safetensors` (the default) a local model folder holding only
+  pickled `pytorch_model*.bin` weights is a problem (they would be refused at load).
 
 Which kernels a model class supports is a class attribute in transformers
 (`_supports_sdpa`, `_supports_flash_attn` on each `*ForCausalLM`; the base class defaults
@@ -21,6 +23,8 @@ explicit choice is not second-guessed.
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qlora_ray.config import problem
@@ -87,6 +91,39 @@ def rank_problems(cfg: ExperimentConfig, arch: Architecture) -> list[str]:
                     f"use lora.r <= {dims[narrowest]}, or leave {narrowest} out of lora.target_modules")]
 
 
+@functools.lru_cache(maxsize=256)
+def _weight_files(folder: str) -> tuple[bool, tuple[str, ...]]:
+    """(has safetensors weights, pickled weight files) of a local model folder."""
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        return False, ()
+    safe = any(path.glob("*.safetensors")) or any(path.glob("*.safetensors.index.json"))
+    pickled = tuple(sorted(p.name for p in path.glob("pytorch_model*.bin")))
+    return safe, pickled
+
+
+def weights_problems(cfg: ExperimentConfig) -> list[str]:
+    """`model.use_safetensors` (the default) on a local folder that has only pickled weights.
+
+    Hub repositories are not listed at plan time (no network); transformers refuses them
+    at load with the same reason. A folder holding only config.json (for planning) is fine.
+    """
+    if not cfg.model.use_safetensors:
+        return []
+    out = []
+    folders = (("model.name", cfg.model.name), ("eval.similarity.embedder", cfg.eval.similarity.embedder))
+    for key, name in folders:
+        safe, pickled = _weight_files(name)
+        if pickled and not safe:
+            out.append(problem("model.use_safetensors", True,
+                               f"loads only .safetensors weights, and {key} {name} has only pickled "
+                               f"ones ({', '.join(pickled)})",
+                               "convert them (from_pretrained, then save_pretrained writes safetensors), "
+                               "or set model.use_safetensors: false if you trust the files"))
+    return out
+
+
 def model_problems(cfg: ExperimentConfig, arch: Architecture) -> list[str]:
     """Why `cfg` cannot run on this architecture as specified (empty when it can)."""
-    return attention_problems(cfg.model.attn_implementation, arch.model_type) + rank_problems(cfg, arch)
+    return (attention_problems(cfg.model.attn_implementation, arch.model_type) + rank_problems(cfg, arch)
+            + weights_problems(cfg))

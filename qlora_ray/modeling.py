@@ -85,6 +85,8 @@ def load(cfg: ExperimentConfig, device: Device, compute_dtype: str) -> LoadedMod
         quantization_config=quantization_config(cfg, compute_dtype),
         dtype=DTYPES[compute_dtype],
         device_map=device.device_map,
+        # Safetensors only (no unpickling) unless the spec allows the .bin fallback.
+        use_safetensors=True if cfg.model.use_safetensors else None,
         # `auto`: None lets transformers pick (sdpa where the class supports it, else eager).
         attn_implementation=None if (attn := cfg.model.attn_implementation) == "auto" else attn,
     )

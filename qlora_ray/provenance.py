@@ -51,6 +51,27 @@ def git_commit() -> str | None:
         return None
 
 
+def hub_commit(name: str, revision: str | None = None) -> str | None:
+    """The hub commit whose files `name` at `revision` loads from the local cache.
+
+    transformers (5.x) resolves a branch to a commit before loading but no longer records it
+    on the config, so it is read back from where the files are: the cache's
+    `snapshots/<commit>/` folder. None for a local folder or a repo not in the cache.
+    """
+    if os.path.isdir(os.path.expanduser(name)):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(name, "config.json", revision=revision)
+    except Exception:  # an id that is not a repo name, a cache that cannot be read
+        return None
+    if not isinstance(path, str):
+        return None
+    parts = path.replace(os.sep, "/").split("/")
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
+
+
 def ray_node_id() -> str | None:
     try:
         import ray

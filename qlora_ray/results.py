@@ -73,6 +73,7 @@ RUN_COLUMNS: dict[str, pa.DataType] = {
     "packing": pa.bool_(),
     "eval_max_new_tokens": pa.int32(),
     "embedder": pa.string(),
+    "embedder_revision": pa.string(),  # the fixed embedder's commit (as pinned, or as resolved)
     "emulate_profile": pa.bool_(),
     "config_json": pa.string(),
     # where it ran

@@ -121,7 +121,7 @@ def _run_phases(
 
     from qlora_ray import device as devices
     from qlora_ray import evaluate as ev
-    from qlora_ray import modeling
+    from qlora_ray import modeling, provenance
     from qlora_ray import train as training
     from qlora_ray.data import make_collator, prepare_data
     from qlora_ray.measure import MemoryProbe
@@ -151,7 +151,8 @@ def _run_phases(
         raise ValueError("train.batch_size is `auto` but no resolved batch size was passed; "
                          "run through `qlora-ray run`, which plans it, or give an integer")
     run_cfg = cfg if bs == cfg.train.batch_size else cfg.replace(**{"train.batch_size": bs})
-    embedder = ev.Embedder(cfg.eval.similarity.embedder, device.torch_device)
+    embedder = ev.Embedder(cfg.eval.similarity.embedder, device.torch_device,
+                           revision=cfg.eval.similarity.revision, use_safetensors=cfg.model.use_safetensors)
     evaluated_before = False
 
     while True:  # more than once only when OOM back-off halves the micro-batch
@@ -163,7 +164,7 @@ def _run_phases(
             run_cfg, device, compute_dtype, run_cfg.train.batch_size, run_cfg.train.grad_accum,
         )
         # The hub commit the weights came from (a branch name like `main` moves).
-        row["model_revision"] = getattr(loaded.model.config, "_commit_hash", None) or cfg.model.revision
+        row["model_revision"] = provenance.hub_commit(loaded.path, cfg.model.revision) or cfg.model.revision
         # The kernel actually used (`auto` resolved by transformers).
         row["attn_implementation"] = getattr(loaded.model.config, "_attn_implementation", None) \
             or cfg.model.attn_implementation
@@ -204,6 +205,7 @@ def _run_phases(
 
     state["phase"] = "eval"
     after = _evaluate(ev, loaded, data, cfg, embedder, "after")
+    row["embedder_revision"] = embedder.commit  # the commit a fixed embedder's files came from
     samples.extend(after.samples)
     row.update(similarity_score=after.similarity_score, accuracy=after.accuracy, f1=after.f1,
                eval_loss=_finite(training.eval_loss(trainer)), eval_seconds=after.seconds)

@@ -146,3 +146,49 @@ def test_trust_remote_code_is_off_by_default_and_recorded_in_the_row(tmp_path: P
         row = {**empty_row(), **flatten(cfg.replace(**{"model.trust_remote_code": trusted})), "status": "ok"}
         write_run(str(tmp_path), "s", row)
         assert read_run_rows(str(tmp_path), "s")[row["experiment_id"]]["trust_remote_code"] is trusted
+
+
+def test_pickled_only_weights_are_a_plan_problem_and_refused_at_load_unless_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from qlora_ray import modeling
+    from qlora_ray.builtin import ensure_builtin
+    from qlora_ray.device import Device
+
+    # an older repository's layout: the weights only as a pickled pytorch_model.bin
+    folder = tmp_path / "old-model"
+    tok = AutoTokenizer.from_pretrained(ensure_builtin("builtin:tiny-llama"))
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+    rc, cells = plan_json(tmp_path, capsys, {"model": str(folder), "lora": {"r": 4}})
+    assert rc == 1
+    (message,) = cells[0]["problems"]
+    assert message.startswith("`model.use_safetensors` loads only .safetensors weights, and model.name")
+    assert "(pytorch_model.bin), got True" in message and "set model.use_safetensors: false" in message
+    allowed = {"model": {"name": str(folder), "use_safetensors": False}, "lora": {"r": 4}}
+    rc, cells = plan_json(tmp_path, capsys, allowed)
+    assert rc == 0 and cells[0]["problems"] == []
+
+    cpu = Device("cpu", "cpu", None, bf16=True)
+    cfg = from_dict(ExperimentConfig, {"model": str(folder), "quant": {"compute_dtype": "float32"}})
+    with pytest.raises(OSError, match=r"no file named model\.safetensors"):
+        modeling.load(cfg, cpu, "float32")
+    assert modeling.load(cfg.replace(**{"model.use_safetensors": False}), cpu, "float32").total_params > 0
+
+
+def test_fields_added_after_0_1_0_leave_ids_alone_at_their_default() -> None:
+    cfg = from_dict(ExperimentConfig, {})
+    assert cfg.model.use_safetensors is True and cfg.eval.similarity.revision is None
+    changed = cfg.replace(**{"model.use_safetensors": False})
+    assert changed.experiment_id != cfg.experiment_id
+    from qlora_ray.grid import load_spec
+
+    assert load_spec(ROOT / "experiments" / "example.yaml").cells[0].experiment_id == EXAMPLE_FIRST_ID_0_1_0
