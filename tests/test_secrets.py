@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import string
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -43,10 +46,17 @@ def leaks(folder: Path, needle: str) -> list[str]:
     return found
 
 
-def test_a_canary_hf_token_appears_in_no_row_sample_log_report_or_message(tmp_path: Path) -> None:
-    home, ray_tmp = tmp_path / "home", tmp_path / "r"
+@pytest.fixture
+def ray_tmp() -> Iterator[Path]:
+    """Ray's session folder, short: its socket paths must fit AF_UNIX's 107 bytes."""
+    folder = Path(tempfile.mkdtemp(prefix="qrs-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_canary_hf_token_appears_in_no_row_sample_log_report_or_message(tmp_path: Path, ray_tmp: Path) -> None:
+    home = tmp_path / "home"
     home.mkdir()
-    ray_tmp.mkdir()
     env = {
         **os.environ,
         "HF_TOKEN": CANARY,
@@ -96,7 +106,7 @@ def test_a_canary_hf_token_appears_in_no_row_sample_log_report_or_message(tmp_pa
     rows = pd.read_parquet(results / "canary" / "runs").set_index("name")
     assert rows.loc["qlora", "status"] == "ok" and rows.loc["hub-embedder", "status"] == "failed"
     assert not rows["trust_remote_code"].any()  # off unless asked for, and recorded
-    assert "example-org/private-embedder" in rows.loc["hub-embedder", "error"]
+    assert rows.loc["hub-embedder", "error"].startswith("OSError")  # a message made with the token set
     assert len(pd.read_parquet(results / "canary" / "samples")) > 0
     assert (results / "canary" / "report.html").is_file()
     assert list((results / "canary" / "adapters").iterdir())
@@ -105,4 +115,4 @@ def test_a_canary_hf_token_appears_in_no_row_sample_log_report_or_message(tmp_pa
     printed = {f"{name} {stream}": text for name, proc in (("run", run), ("plan", plan), ("report", report))
                for stream, text in (("stdout", proc.stdout), ("stderr", proc.stderr))}
     assert [k for k, text in printed.items() if CANARY in text] == []
-    assert leaks(tmp_path, CANARY) == []
+    assert leaks(tmp_path, CANARY) + leaks(ray_tmp, CANARY) == []
