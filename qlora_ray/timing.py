@@ -188,16 +188,20 @@ def row_efficiency(row: dict[str, Any]) -> float | None:
     return float(used) * float(measured) / float(predicted)
 
 
-def efficiency_keys(family: str, gpu: str | None) -> list[str]:
+def efficiency_keys(family: str, gpu: str | None, bits: int | None = None) -> list[str]:
     """Calibration groups a cell looks in, most specific first.
 
-    CPU and GPU factors are on different scales (the CPU profile's peak is nominal), so CPU
-    rows only ever inform CPU cells.
+    The quantization gets its own group when rows have it: 4-bit and 16-bit runs of one
+    model on one device differ by more than the model's terms explain on some machines (a
+    CPU without native bf16 runs the 16-bit baseline's bf16 matmuls slowly). CPU and GPU
+    factors are on different scales (the CPU profile's peak is nominal), so CPU rows only
+    ever inform CPU cells.
     """
     gpu = gpu or "cpu"
+    exact = [f"{family}/{gpu}/{bits}bit"] if bits else []
     if gpu == "cpu":
-        return [f"{family}/cpu", f"{ANY}/cpu"]
-    return [f"{family}/{gpu}", f"{family}/{ANY}", f"{ANY}/{gpu}", f"{ANY}/{ANY}"]
+        return [*exact, f"{family}/cpu", f"{ANY}/cpu"]
+    return [*exact, f"{family}/{gpu}", f"{family}/{ANY}", f"{ANY}/{gpu}", f"{ANY}/{ANY}"]
 
 
 def fit_efficiency(rows: list[dict[str, Any]], family: Any) -> dict[str, dict[str, Any]]:
@@ -213,7 +217,11 @@ def fit_efficiency(rows: list[dict[str, Any]], family: Any) -> dict[str, dict[st
         eff = row_efficiency(r)
         if eff is None:
             continue
-        for key in efficiency_keys(family(r), r.get("gpu")):
+        gpu, bits = r.get("gpu"), r.get("quant_bits")
+        # Rows read through pandas carry NaN / NA for a missing gpu (a CPU cell).
+        gpu = gpu if isinstance(gpu, str) and gpu else None
+        bits = int(bits) if isinstance(bits, (int, float)) and bits == bits else None
+        for key in efficiency_keys(family(r), gpu, bits):
             groups.setdefault(key, []).append(eff)
     out = {}
     for key, values in sorted(groups.items()):

@@ -263,14 +263,20 @@ def test_row_efficiency_is_the_factor_that_would_have_been_exact() -> None:
     assert row_efficiency(measured("T4", 0.7, None, 1200)) is None  # type: ignore[arg-type]
 
 
-def test_fit_groups_by_family_and_card_and_keeps_cpu_apart() -> None:
-    rows = [measured("T4", 0.7, 1000, 1000), measured("T4", 0.7, 1000, 800),
-            measured("L4", 0.7, 1000, 1400), measured(None, 1.0, 3000, 1500)]
+def test_fit_groups_by_family_card_and_bits_and_keeps_cpu_apart() -> None:
+    rows = [measured("T4", 0.7, 1000, 1000, quant_bits=4), measured("T4", 0.7, 1000, 800, quant_bits=4),
+            measured("T4", 0.7, 1000, 1400, quant_bits=16), measured("L4", 0.7, 1000, 1400, quant_bits=4),
+            measured(None, 1.0, 3000, 1500, quant_bits=4)]
     fitted = fit_efficiency(rows, lambda r: "llama")
-    assert fitted["llama/T4"]["efficiency"] == pytest.approx(0.63) and fitted["llama/T4"]["rows"] == 2
-    assert fitted["llama/L4"]["efficiency"] == pytest.approx(0.98)
+    assert fitted["llama/T4/4bit"]["efficiency"] == pytest.approx(0.63) and fitted["llama/T4/4bit"]["rows"] == 2
+    assert fitted["llama/T4/16bit"]["efficiency"] == pytest.approx(0.98)
+    assert fitted["llama/T4"]["efficiency"] == pytest.approx(0.7) and fitted["llama/T4"]["rows"] == 3
     assert fitted["llama/cpu"]["efficiency"] == pytest.approx(0.5)
-    assert fitted["llama/*"]["rows"] == 3 and fitted["*/*"]["rows"] == 3  # the GPU rows only
-    assert fitted["llama/T4"]["spread"] == pytest.approx(0.7 / 0.63 - 1, abs=1e-3)
-    assert efficiency_keys("qwen2", "A100-40G") == ["qwen2/A100-40G", "qwen2/*", "*/A100-40G", "*/*"]
-    assert efficiency_keys("llama", None) == ["llama/cpu", "*/cpu"]
+    assert fitted["llama/*"]["rows"] == 4 and fitted["*/*"]["rows"] == 4  # the GPU rows only
+    assert fitted["llama/T4/4bit"]["spread"] == pytest.approx(0.7 / 0.63 - 1, abs=1e-3)
+    # As pandas hands rows over: NaN for a CPU cell's gpu, floats for bits.
+    nan_row = measured(float("nan"), 1.0, 3000, 1500, quant_bits=4.0)  # type: ignore[arg-type]
+    assert set(fit_efficiency([nan_row], lambda r: "llama")) == {"llama/cpu/4bit", "llama/cpu", "*/cpu"}
+    assert efficiency_keys("qwen2", "A100-40G", 4) == [
+        "qwen2/A100-40G/4bit", "qwen2/A100-40G", "qwen2/*", "*/A100-40G", "*/*"]
+    assert efficiency_keys("llama", None, 16) == ["llama/cpu/16bit", "llama/cpu", "*/cpu"]
