@@ -1,0 +1,79 @@
+"""Helpers to run the README's shell blocks as written: find a block, forward a port.
+
+`ray dashboard ray_cluster.yaml` is an SSH port forward from 127.0.0.1:8265 to the head's
+dashboard; `forward` is the same thing without SSH, for a head on this machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import socket
+import threading
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bash_block(heading: str, text: str | None = None) -> str:
+    """The first ```bash block after `heading` in README.md."""
+    text = text if text is not None else (ROOT / "README.md").read_text()
+    start = text.index(heading)
+    match = re.search(r"```bash\n(.*?)```", text[start:], re.S)
+    assert match, f"no bash block after {heading!r}"
+    return match.group(1)
+
+
+def commands(block: str) -> list[str]:
+    """The block's commands, continuation lines joined, comments dropped."""
+    joined = block.replace("\\\n", " ")
+    out = []
+    for line in joined.splitlines():
+        line = re.sub(r"\s+#.*$", "", line).strip()
+        if line and not line.startswith("#"):
+            out.append(line)
+    return out
+
+
+def forward(listen_port: int, target_port: int) -> socket.socket:
+    """Accept on 127.0.0.1:listen_port and pipe each connection to 127.0.0.1:target_port.
+
+    Returns the listening socket; closing it stops accepting (open pipes end with their peers).
+    """
+    server = socket.socket()
+    server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    server.bind(("127.0.0.1", listen_port))
+    server.listen(64)
+
+    def pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def accept() -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", target_port))
+            threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    return server
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
