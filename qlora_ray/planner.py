@@ -133,8 +133,11 @@ def load_model_config(
         path = hf_hub_download(name, "config.json", revision=revision)
     except Exception as e:  # offline, gated, missing: all mean the same to the user
         first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
+        # Gated repos (meta-llama/...) answer 401/403 without a token, even for config.json.
+        token = "set" if os.environ.get("HF_TOKEN") else "not set here"
         raise ConfigError([problem(
             "model.name", name, f"has no readable config.json ({type(e).__name__}: {first})",
+            f"a gated model needs its licence accepted on the hub and HF_TOKEN (now {token}); "
             "planning needs only that file: put it in a folder and set model.name to the folder, "
             f"or save it as DIR/{name}/config.json and pass --model-configs DIR "
             f"(or set {MODEL_CONFIGS_ENV}=DIR)",

@@ -144,6 +144,7 @@ def test_spec_checks_config_json_plan_datasets_and_gpu_types(tmp_path: Path, mon
     (cfg,) = by_name(offline, "config.json")
     assert cfg.status == "fail" and "meta-llama/Llama-3.1-8B-Instruct" in cfg.detail
     assert "HF_TOKEN" in cfg.fix and "--model-configs" in cfg.fix
+    assert "HF_TOKEN (now not set here)" in cfg.detail  # `plan` says the same
     assert not by_name(offline, "plan")  # nothing to plan without the config
 
 
