@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -80,12 +81,14 @@ def _same_request(a: dict[str, float], b: dict[str, float]) -> bool:
 
 def parse_v1_status(raw: bytes | str | None) -> AutoscalerView:
     """The v1 monitor's `__autoscaling_status` JSON (None: no monitor has written one)."""
+    # No report (yet): the monitor may be starting, or waiting for its first load report.
+    # Only a report that shows a read-only monitor proves the cluster cannot grow.
     if not raw:
-        return AutoscalerView("none", detail="no autoscaler report in the GCS")
+        return AutoscalerView("unknown", detail="no autoscaler report in the GCS yet")
     status = json.loads(raw)
     report = status.get("autoscaler_report")
     if not report:
-        return AutoscalerView("none", detail="the monitor runs without an autoscaler")
+        return AutoscalerView("unknown", detail="the autoscaler has not reported yet")
     launching: dict[str, int] = {}
     for node_type, count in (report.get("pending_launches") or {}).items():
         launching[node_type] = launching.get(node_type, 0) + int(count)
@@ -109,7 +112,7 @@ def parse_v2_reply(reply: Any) -> AutoscalerView:
     state = reply.autoscaling_state
     types = {n.ray_node_type_name for n in reply.cluster_resource_state.node_states if n.ray_node_type_name}
     if not state.autoscaler_state_version:
-        return AutoscalerView("none", detail="no autoscaler has reported to the GCS")
+        return AutoscalerView("unknown", detail="the autoscaler has not reported yet")
     if types and all(_READONLY_TYPE.fullmatch(t) for t in types) and not state.pending_instance_requests:
         return AutoscalerView("readonly", detail="read-only autoscaler: nodes started by hand, none launched")
     launching: dict[str, int] = {}
@@ -162,8 +165,6 @@ class NodeWaits:
         self._view_at: float | None = None
 
     def view(self) -> AutoscalerView:
-        import time
-
         if self.embedded:
             return self._view
         if self._view_at is None or time.monotonic() - self._view_at >= self.refresh_s:

@@ -201,7 +201,10 @@ def cluster_checks(embedded: bool, where: str) -> tuple[list[Check], list[dict[s
     out += [Check("ok", "node", node_summary(n)) for n in nodes]
     view = (AutoscalerView("none", detail="embedded Ray") if embedded
             else autoscaler_view(ray.get_runtime_context().gcs_address))
-    if view.can_add_nodes:
+    if view.kind == "unknown":
+        out.append(Check("warn", "autoscaler", f"cannot tell whether nodes can be added: {view.detail}",
+                         "`ray status` on the head shows the autoscaler; `run` waits as if one runs"))
+    elif view.can_add_nodes:
         launching = ", ".join(f"{t} x{n}" for t, n in view.launching.items()) or "nothing"
         out.append(Check("ok", "autoscaler", f"{view.kind}: can add nodes; launching {launching}"))
         for node_type, why in sorted(view.failing.items()):

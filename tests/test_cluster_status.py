@@ -51,7 +51,8 @@ def test_a_head_started_by_hand_is_a_fixed_cluster() -> None:
     view = parse_v1_status(v1_report(active={format_readonly_node_type(i): 1 for i in ids}))
     assert view.kind == "readonly" and not view.can_add_nodes
     assert not view.coming_for(H100)
-    assert parse_v1_status(None).kind == "none" and not parse_v1_status(None).can_add_nodes
+    # No report at all (a monitor starting up) proves nothing: wait as if it could grow.
+    assert parse_v1_status(None).kind == "unknown" and parse_v1_status(None).can_add_nodes
 
 
 def test_a_launching_node_that_fits_keeps_the_cell_waiting() -> None:
@@ -102,4 +103,4 @@ def test_v2_reports_pending_infeasible_and_failed_requests() -> None:
 
     state.failed_instance_requests.add(ray_node_type_name="gpu_h100", reason="InsufficientInstanceCapacity")
     assert not parse_v2_reply(reply).coming_for(H100)
-    assert parse_v2_reply(pb.GetClusterStatusReply()).kind == "none"
+    assert parse_v2_reply(pb.GetClusterStatusReply()).kind == "unknown"
