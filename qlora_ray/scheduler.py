@@ -422,7 +422,13 @@ def _expire_unschedulable(
         return
     waits.next_check = now + NODE_CHECK_INTERVAL_S
     nodes = ray.nodes()
-    stuck = [c for c in running.values() if not _feasible(c.resources, nodes)]
+    stuck = []
+    for cell in running.values():
+        if _feasible(cell.resources, nodes):
+            # Only queued behind others; if its node goes away later, its wait starts then.
+            cell.waiting_since = now
+        else:
+            stuck.append(cell)
     if not stuck:
         return
     view = waits.view()
