@@ -70,8 +70,8 @@ def test_a_cell_waits_for_a_launching_node_then_gives_up_when_its_launch_fails(h
                                "--address", head.address, "--unschedulable-timeout", "3"],
                               env=head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        # Five times the timeout with the node "launching": the cell is still waiting.
-        time.sleep(15)
+        # Three times the timeout with the node "launching": the cell is still waiting.
+        time.sleep(9)
         assert driver.poll() is None, driver.communicate()[0][-3000:]
         assert not list((results / "h100" / "runs").glob("*.parquet"))
 
