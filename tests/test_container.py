@@ -429,10 +429,11 @@ def test_the_readme_cluster_block_runs_as_written(head_node: dict[str, str], s3:
         ("address", "export RAY_ADDRESS=http://127.0.0.1:8265"), ("hf", "export HF_TOKEN="),
         ("doctor", "ray job submit"), ("down", "ray down")]}
     assert at["token mode"] < at["token"] < at["up"] < at["tunnel"] < at["address"] < at["doctor"] < at["down"]
-    # HF_TOKEN reaches the driver on the head through each job's runtime environment.
-    (job_env,) = [c for c in steps if c.startswith("JOB_ENV=")]
-    assert at["hf"] < at["doctor"] and "HF_TOKEN" in job_env
-    assert all('--runtime-env-json "$JOB_ENV"' in c for c in steps if c.startswith("ray job submit"))
+    # HF_TOKEN reaches the driver on the head through each job's runtime environment, from a
+    # file only the user can read (never an expanded command-line argument).
+    (env_file,) = [c for c in steps if "HF_TOKEN" in c and "> ~/.qlora-ray-job-env.yaml" in c]
+    assert at["hf"] < steps.index(env_file) < at["doctor"] and "umask 077" in env_file
+    assert all("--runtime-env ~/.qlora-ray-job-env.yaml" in c for c in steps if c.startswith("ray job submit"))
 
     # The rest runs as written: `ray up` / `ray dashboard` / `ray down` are stand-ins (the head
     # is the container above; the SSH tunnel is a plain forward of 127.0.0.1:8265 to it).
