@@ -19,6 +19,7 @@ VERBS = {
     "run": ("qlora_ray.scheduler", "Run every cell of a spec on Ray; one Parquet row per cell."),
     "report": ("qlora_ray.report", "Comparison table and plots from a results folder."),
     "doctor": ("qlora_ray.doctor", "Check in seconds what a grid needs: machine, cluster, spec, results."),
+    "calibrate": ("qlora_ray.calibrate", "Learn memory corrections from rows run on GPUs (--corrections)."),
 }
 
 

@@ -1,13 +1,24 @@
-"""Predicted peak GPU memory of one experiment, from the model's `config.json` alone.
+"""Predicted GPU memory of one experiment, from the model's `config.json` alone.
 
-Pure arithmetic: no torch, no weights. The model is the one `modeling.py` and `train.py`
-build (see `Recipe`), and each term is a count of tensors that are alive at the peak of a
-training step (the start of backward), or of the evaluation pass when that is larger.
-The method, the calibration against published measurements and where it is deliberately
-conservative are in docs/memory.md.
+Pure arithmetic: no torch, no weights. The model is the one `modeling.py`, `train.py` and
+`evaluate.py` build, and every term is a tensor that is alive at a peak, named after the
+code that keeps it (docs/memory.md walks through them). Two peaks are predicted:
 
-Every sequence is taken to be padded to `train.max_seq_len` (the worst batch a run can
-draw; with packing it is every batch), so predictions are upper bounds for short data.
+- training: the larger of two moments of a step. *Loss*: the log-softmax backward, with
+  three fp32 copies of the logits, the 16-bit copy autocast made of an fp32 lm_head, and
+  every saved activation (every layer's, or with checkpointing every layer's input).
+  *Layer*: the backward of the last decoder layer, which checkpointing recomputes, with the
+  MLP's gradients in flight.
+- eval: the larger of generation's prefill (with its KV cache), the similarity embedding
+  pass and the eval-loss forward.
+
+Each comes as tensor bytes (what `torch.cuda.max_memory_allocated` would see), plus the
+CUDA context and the caching allocator's slack (what the card sees), with a range. The
+tensor terms were checked against `memory_harness` (the real code path, counted in live
+tensor bytes on the CPU) on a sweep: `benchmarks/memory_harness.py`.
+
+Sequence lengths come from `Shape`: by default every row is `train.max_seq_len` long (the
+worst case); the planner passes the lengths of the cell's own data (`qlora_ray.lengths`).
 """
 
 from __future__ import annotations
@@ -16,35 +27,39 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from qlora_ray.architecture import Architecture, adapted_modules, architecture
 from qlora_ray.config import ExperimentConfig, problem
 from qlora_ray.modelcheck import effective_attention
 from qlora_ray.profiles import GpuProfile, resolve_compute_dtype
 
+__all__ = ["Architecture", "Estimate", "Recipe", "Shape", "adapted_modules", "architecture", "estimate",
+           "largest_batch"]
+
 MiB = 1024**2
 GiB = 1024**3
 
-# bitsandbytes NF4/FP4: two 4-bit codes per byte, one absmax per block of 64 weights. The
-# absmax is fp32 (4 bytes) or, with double quantization, an 8-bit code plus one fp32
-# constant per 256 absmax values (QLoRA paper, section 3: 0.5 -> 0.127 bit per weight).
+# bitsandbytes NF4/FP4: two 4-bit codes per byte, one absmax per block of 64 weights: fp32,
+# or with double quantization an 8-bit code plus one fp32 constant per 256 of them.
 NF4_BLOCK = 64
 DQ_BLOCK = 256
-# CUDA context, cuBLAS workspace and bitsandbytes' kernels: a context alone is 300-500 MiB
-# on recent drivers; we round up to cover the workspaces.
-RUNTIME_OVERHEAD_BYTES = 600 * MiB
-# Bytes of optimizer state per trainable parameter (two moments; bitsandbytes' 8-bit
-# optimizers keep them as 8-bit codes, their per-block scales are ~1% and ignored).
-OPTIMIZER_STATE_BYTES = {
-    "adamw_torch": 8,
-    "paged_adamw_32bit": 8,
-    "paged_adamw_8bit": 2,
-    "adamw_bnb_8bit": 2,
-}
+# bitsandbytes' 8-bit optimizers keep 32-bit state for tensors smaller than this
+# (`min_8bit_size` in bitsandbytes/optim/optimizer.py), and one fp32 absmax per 256 values.
+BNB_MIN_8BIT_SIZE = 4096
+BNB_STATE_BLOCK = 256
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-# Model types whose config class ties lm_head to the input embeddings when config.json
-# does not say (transformers' own defaults).
-TIED_BY_DEFAULT = {"gemma", "gemma2", "gemma3", "gemma3_text", "gpt2"}
-ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-GATED_MLP = ("gate_proj", "up_proj", "down_proj")
+# Optimizer state per trainable parameter: two fp32 moments, or bitsandbytes' two 8-bit codes
+# (their per-block absmax and the 32-bit state of small tensors: `_optimizer_state_bytes`).
+OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_8bit": 2, "adamw_bnb_8bit": 2}
+
+# What the card holds beyond PyTorch's tensors. The CUDA context with its loaded kernels
+# (torch, cuBLAS, bitsandbytes) is 300-600 MiB with CUDA's lazy module loading; the
+# caching allocator reserves more than it hands out (2 MiB segments, fragmentation), by
+# 0-25% of the dynamic peak in training loops. Midpoints predict; the ends make the range.
+CUDA_CONTEXT_BYTES = (300 * MiB, 500 * MiB, 900 * MiB)
+ALLOCATOR_SLACK = (0.0, 0.08, 0.25)
+# The largest error of the tensor terms against the harness sweep (docs/memory.md),
+# rounded up: the range widens the tensor part by this much each way.
+HARNESS_ERROR = 0.10
 
 
 @dataclass(frozen=True)
@@ -57,149 +72,87 @@ class Recipe:
 
     kbit_upcast: bool = True
     """4/8-bit: `prepare_model_for_kbit_training` casts every 16-bit parameter that is not
-    packed 4-bit or int8 (embeddings, lm_head, norms) to fp32, and the residual stream that
-    flows from the fp32 embeddings stays fp32."""
+    packed 4-bit or int8 (embeddings, lm_head, norms) to fp32, so the residual stream that
+    flows from the fp32 embeddings is fp32 too."""
     upcast_16bit_model: bool = False
     """16-bit: also run k-bit preparation on the unquantized model, which makes the whole
     model fp32 (qlora-ray does not; FinLoRA's script did)."""
     adapter_bytes: int = 4
-    """LoRA weights' width: PEFT keeps adapters in fp32 (`autocast_adapter_dtype`); the
-    QLoRA paper's script cast them to bf16 (2)."""
+    """LoRA weights' width: PEFT keeps adapters in fp32 (`autocast_adapter_dtype`)."""
     unquantized_bytes: int | None = None
-    """Override the width of embeddings/lm_head/norms (the QLoRA script casts embeddings back
-    to bf16 after k-bit preparation); None follows kbit_upcast."""
-    autocast_lm_head_copy: bool = True
-    """Under autocast an fp32 lm_head is cast to 16-bit for the matmul and that copy is saved
-    for backward (vocab x hidden x 2 bytes: 1 GiB for Llama-3's 128k vocabulary)."""
+    """Override the width of embeddings/lm_head/norms; None follows kbit_upcast."""
+    device: str = "cuda"
+    """`cpu` models the memory harness's run: dropout keeps an fp32 noise tensor instead of
+    CUDA's bool mask, and 8-bit layers run `MatMul8bitFp` (see memory_harness.CPU_VS_GPU)."""
+    saves_4bit_input: bool = False
+    """bitsandbytes before 0.45 kept each 4-bit layer's input for backward
+    (`ctx.tensors = (A, B)` in MatMul4Bit); 0.50, which qlora-ray pins, keeps only B."""
     count_eval: bool = True
-    """Also size the eval-loss forward pass (eval.batch_size x max_seq_len logits)."""
+    """Also predict the eval pass."""
 
 
 DEFAULT_RECIPE = Recipe()
 
 
 @dataclass(frozen=True)
-class Architecture:
-    """The numbers of a decoder-only transformer that memory depends on."""
+class Shape:
+    """Token lengths one cell's batches reach (`lengths.BatchShape` carries the same names)."""
 
-    model_type: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied_embeddings: bool
-    experts: int = 1
-    experts_per_token: int = 1
-    qkv_bias: bool = False
-    # name -> (in_features, out_features, copies per layer) for every Linear in a layer
-    linears: dict[str, tuple[int, int, int]] = field(default_factory=dict)
-
-    @property
-    def linear_params(self) -> int:
-        """Parameters in the decoder layers' Linear modules: what bitsandbytes quantizes."""
-        return self.layers * sum(i * o * n for i, o, n in self.linears.values())
-
-    @property
-    def embedding_params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
-
-    @property
-    def other_params(self) -> int:
-        """Norms (two per layer plus the final one) and attention biases."""
-        bias = self.layers * (self.heads + 2 * self.kv_heads) * self.head_dim if self.qkv_bias else 0
-        return (2 * self.layers + 1) * self.hidden + bias
-
-    @property
-    def total_params(self) -> int:
-        return self.linear_params + self.embedding_params + self.other_params
-
-    @property
-    def largest_linear(self) -> int:
-        return max(i * o for i, o, _ in self.linears.values())
+    train_seq: int
+    eval_prompt: int
+    eval_seq: int
+    reference: int
+    source: str = "worst case"
+    masked: bool | None = None
+    """Whether training batches carry an attention mask; None: rows of unequal length do
+    (any batch of 2 or more, or packed rows)."""
 
 
-def _first(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    for key in keys:
-        if cfg.get(key) is not None:
-            return cfg[key]
-    return default
+def worst_case_shape(cfg: ExperimentConfig) -> Shape:
+    s = cfg.train.max_seq_len
+    return Shape(train_seq=s, eval_prompt=s, eval_seq=s, reference=s)
 
 
-def architecture(config: dict[str, Any], model: str = "model") -> Architecture:
-    """Read the memory-relevant numbers out of a Hugging Face `config.json` dict.
-
-    Llama-like layouts (Llama, Mistral, Qwen2/3, Gemma, Mixtral-style MoE) are read by
-    name; Phi-3's fused `qkv_proj` / `gate_up_proj` too. Raises ConfigError naming the key
-    that is missing.
-    """
-    from qlora_ray.config import ConfigError
-
-    cfg = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    model_type = str(cfg.get("model_type") or config.get("model_type") or "llama")
-    hidden = _first(cfg, "hidden_size", "n_embd", "d_model")
-    layers = _first(cfg, "num_hidden_layers", "n_layer", "num_layers")
-    heads = _first(cfg, "num_attention_heads", "n_head")
-    vocab = _first(cfg, "vocab_size")
-    missing = [k for k, v in (("hidden_size", hidden), ("num_hidden_layers", layers),
-                              ("num_attention_heads", heads), ("vocab_size", vocab)) if v is None]
-    if missing:
-        raise ConfigError([
-            problem(f"{model} config.json", sorted(cfg)[:12], f"has no {', '.join(missing)}",
-                    "point model.name at a decoder-only transformer's config.json")
-        ])
-    kv_heads = int(_first(cfg, "num_key_value_heads", default=heads))
-    head_dim = int(_first(cfg, "head_dim", default=hidden // heads))
-    intermediate = int(_first(cfg, "intermediate_size", "n_inner", "ffn_dim", default=4 * hidden))
-    experts = int(_first(cfg, "num_local_experts", "num_experts", default=1))
-    if experts > 1:
-        intermediate = int(_first(cfg, "moe_intermediate_size", default=intermediate))
-    per_token = int(_first(cfg, "num_experts_per_tok", default=1)) if experts > 1 else 1
-    tied = cfg.get("tie_word_embeddings", config.get("tie_word_embeddings"))
-    if tied is None:
-        tied = model_type in TIED_BY_DEFAULT
-    q_out, kv_out = heads * head_dim, kv_heads * head_dim
-    if model_type.startswith("phi3"):
-        linears = {"qkv_proj": (hidden, q_out + 2 * kv_out, 1), "o_proj": (q_out, hidden, 1),
-                   "gate_up_proj": (hidden, 2 * intermediate, 1),
-                   "down_proj": (intermediate, hidden, 1)}
-    else:
-        linears = {"q_proj": (hidden, q_out, 1), "k_proj": (hidden, kv_out, 1),
-                   "v_proj": (hidden, kv_out, 1), "o_proj": (q_out, hidden, 1),
-                   "gate_proj": (hidden, intermediate, experts),
-                   "up_proj": (hidden, intermediate, experts),
-                   "down_proj": (intermediate, hidden, experts)}
-    return Architecture(
-        model_type=model_type, hidden=int(hidden), layers=int(layers), heads=int(heads),
-        kv_heads=kv_heads, head_dim=head_dim, intermediate=intermediate, vocab=int(vocab),
-        tied_embeddings=bool(tied), experts=experts, experts_per_token=per_token,
-        qkv_bias=bool(cfg.get("attention_bias") or model_type.startswith("qwen2")),
-        linears=linears,
-    )
+# ---------------------------------------------------------------------------------------
+# the estimate
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """Predicted peak bytes of one cell and what they are made of (the parts sum to it)."""
+    """Predicted training and eval peaks of one cell, what they are made of, and ranges.
 
-    peak_bytes: int
+    `*_bytes` are what the card holds (tensors + CUDA context + allocator slack; on the CPU
+    profile tensors only). `breakdown` / `eval_breakdown` add up to `train_bytes` /
+    `eval_bytes`. `*_range` is (low, high): the low end is what gating uses.
+    """
+
+    train_bytes: int
+    eval_bytes: int
+    train_range: tuple[int, int]
+    eval_range: tuple[int, int]
     breakdown: dict[str, int]
+    eval_breakdown: dict[str, int]
+    train_moment: str
+    """`forward`, `loss` or `layer`: which moment of the step is the peak."""
+    eval_moment: str
     problems: tuple[str, ...] = ()
+    moment_tensors: dict[str, int] = field(default_factory=dict)
+    """Tensor bytes (weights included) at each moment of the training step."""
+
+    @property
+    def peak_bytes(self) -> int:
+        """The larger of training and eval (the results contract's `predicted_peak_bytes`)."""
+        return max(self.train_bytes, self.eval_bytes)
+
+    @property
+    def peak_range(self) -> tuple[int, int]:
+        return (max(self.train_range[0], self.eval_range[0]), max(self.train_range[1], self.eval_range[1]))
 
     @property
     def allocated_bytes(self) -> int:
-        """The part `torch.cuda.max_memory_allocated()` sees (no CUDA context)."""
-        return self.peak_bytes - self.breakdown.get("runtime_overhead", 0)
-
-
-def adapted_modules(arch: Architecture, targets: tuple[str, ...] | str) -> tuple[list[str], list[str]]:
-    """(module names of a layer that get adapters, target names the model does not have)."""
-    if targets == "all-linear":
-        return list(arch.linears), []
-    wanted = [t.rsplit(".", 1)[-1] for t in targets]
-    return [m for m in arch.linears if m in wanted], [t for t in wanted if t not in arch.linears]
+        """Training tensors only: what `torch.cuda.max_memory_allocated()` would see."""
+        b = self.breakdown
+        return self.train_bytes - b.get("cuda_context", 0) - b.get("allocator_slack", 0)
 
 
 def estimate(
@@ -208,19 +161,71 @@ def estimate(
     profile: GpuProfile | None = None,
     *,
     batch_size: int | None = None,
+    shape: Shape | None = None,
     recipe: Recipe = DEFAULT_RECIPE,
+    eval_batch_size: int | None = None,
+    correction: float = 1.0,
+    correction_spread: float | None = None,
 ) -> Estimate:
-    """Predicted peak memory of training (and evaluating) `cfg` on `profile`.
+    """Predicted peaks of training and evaluating `cfg` on `profile`.
 
-    `batch_size` overrides `cfg.train.batch_size` (needed when that is `auto`).
+    `batch_size` overrides `cfg.train.batch_size` (needed when that is `auto`); `shape`
+    gives the data's lengths (default: every row `max_seq_len`). `correction` scales the
+    whole prediction (a `calibrate` file's factor for this family and card) and
+    `correction_spread` is then its relative uncertainty (the range).
     """
     arch = model_config if isinstance(model_config, Architecture) else architecture(
         model_config, cfg.model.name)
     bs = batch_size if batch_size is not None else cfg.train.batch_size
     if not isinstance(bs, int):
         raise ValueError("train.batch_size is `auto`: pass the batch_size to estimate")
-    static, per_sample, fixed_dynamic, eval_dynamic, problems = _terms(arch, cfg, profile, recipe)
-    return _assemble(static, per_sample, fixed_dynamic, eval_dynamic, bs, problems)
+    shape = shape or worst_case_shape(cfg)
+    m = _Model(arch, cfg, profile, recipe)
+    static = m.static()
+    moments = m.train_moments(bs, shape.train_seq, shape.masked)
+    train_moment, dynamic = max(moments.items(), key=lambda kv: sum(kv[1].values()))
+    eval_rows = cfg.eval.batch_size if eval_batch_size is None else eval_batch_size
+    evals = m.eval_moments(eval_rows, shape) if recipe.count_eval else {"none": {}}
+    eval_moment, eval_dynamic = max(evals.items(), key=lambda kv: sum(kv[1].values()))
+    gpu = profile is None or profile.is_gpu
+    spread = correction_spread if correction_spread is not None else (
+        None if correction == 1.0 else HARNESS_ERROR)
+    train = _card(static, dynamic, gpu, correction, spread)
+    evaluation = _card(static, eval_dynamic, gpu, correction, spread)
+    return Estimate(
+        train_bytes=sum(train[0].values()), eval_bytes=sum(evaluation[0].values()),
+        train_range=train[1], eval_range=evaluation[1], breakdown=train[0],
+        eval_breakdown=evaluation[0], train_moment=train_moment, eval_moment=eval_moment,
+        problems=tuple(m.problems),
+        moment_tensors={k: sum(static.values()) + sum(v.values()) for k, v in moments.items()},
+    )
+
+
+def _card(static: dict[str, int], dynamic: dict[str, int], gpu: bool, correction: float,
+          spread: float | None) -> tuple[dict[str, int], tuple[int, int]]:
+    """Parts adding up to what the card holds, and its (low, high) range.
+
+    Without a correction the range is the harness error on the tensors plus the span of
+    the GPU-only terms. With one (a `calibrate` file's factor for this family and card),
+    the whole prediction is scaled, the difference is its own part, and the range is the
+    spread the GPU rows showed.
+    """
+    parts = {k: v for k, v in {**static, **dynamic}.items() if v}
+    tensors = sum(parts.values())
+    dyn = sum(dynamic.values())
+    lo_ctx, mid_ctx, hi_ctx = CUDA_CONTEXT_BYTES if gpu else (0, 0, 0)
+    lo_slack, mid_slack, hi_slack = ALLOCATOR_SLACK if gpu else (0.0, 0.0, 0.0)
+    if gpu:
+        parts["allocator_slack"] = round(dyn * mid_slack)
+        parts["cuda_context"] = mid_ctx
+    if spread is None:
+        low = tensors * (1 - HARNESS_ERROR) + dyn * lo_slack + lo_ctx
+        high = tensors * (1 + HARNESS_ERROR) + dyn * hi_slack + hi_ctx
+        return parts, (round(low), round(high))
+    total = sum(parts.values())
+    parts["calibration"] = round(total * (correction - 1))
+    corrected = total + parts["calibration"]
+    return parts, (round(corrected * (1 - spread)), round(corrected * (1 + spread)))
 
 
 def largest_batch(
@@ -231,135 +236,252 @@ def largest_batch(
     *,
     limit: int = 1024,
     eval_batch_size: int | None = None,
+    shape: Shape | None = None,
     recipe: Recipe = DEFAULT_RECIPE,
+    correction: float = 1.0,
 ) -> int:
     """The largest micro-batch whose predicted peak is within `budget_bytes`; 0 if none.
 
     `eval_batch_size` overrides `cfg.eval.batch_size` (to ask "would a smaller one do?").
+    The peak grows with the batch, so this bisects.
     """
     arch = model_config if isinstance(model_config, Architecture) else architecture(
         model_config, cfg.model.name)
-    static, per_sample, fixed_dynamic, eval_dynamic, _ = _terms(
-        arch, cfg, profile, recipe, eval_batch_size)
-    # Peak is static + max(train(b), eval) with train linear in b: solve, then check.
-    room = budget_bytes - sum(static.values())
-    fixed, per = sum(fixed_dynamic.values()), sum(per_sample.values())
-    if room < eval_dynamic or room < fixed + per:
+
+    def fits(b: int) -> bool:
+        est = estimate(arch, cfg, profile, batch_size=b, shape=shape, recipe=recipe,
+                       eval_batch_size=eval_batch_size, correction=correction)
+        return est.peak_bytes <= budget_bytes
+
+    if not fits(1):
         return 0
-    return int(min(limit, (room - fixed) // per))
-
-
-# ---------------------------------------------------------------------------------------
-
-
-def _terms(
-    arch: Architecture, cfg: ExperimentConfig, profile: GpuProfile | None, recipe: Recipe,
-    eval_batch_size: int | None = None,
-) -> tuple[dict[str, int], dict[str, int], dict[str, int], int, list[str]]:
-    """Static bytes by part, per-sample training bytes by part, batch-independent dynamic
-    bytes by part, and the eval pass's dynamic bytes."""
-    q, lora, train = cfg.quant, cfg.lora, cfg.train
-    problems: list[str] = []
-    compute = resolve_compute_dtype(q.compute_dtype, profile)
-    cb = DTYPE_BYTES[compute]
-    kbit = q.bits in (4, 8)
-    upcast = (kbit and recipe.kbit_upcast) or (q.bits == 16 and recipe.upcast_16bit_model)
-
-    # Frozen base weights.
-    n_linear = arch.linear_params
-    if q.bits == 4:
-        constants = 1 / NF4_BLOCK + 4 / (NF4_BLOCK * DQ_BLOCK) if q.double_quant else 4 / NF4_BLOCK
-        base = n_linear * (0.5 + constants)
-    elif q.bits == 8:
-        # int8 codes plus one fp32 scale per output row (LLM.int8's SCB).
-        base = n_linear + arch.layers * sum(o * n for _, o, n in arch.linears.values()) * 4
-    else:
-        base = n_linear * (4 if upcast else cb)
-    unq_bytes = recipe.unquantized_bytes or (4 if upcast else cb)
-    unquantized = (arch.embedding_params + arch.other_params) * unq_bytes
-
-    # Adapters, their gradients and optimizer state.
-    modules, unknown = adapted_modules(arch, lora.target_modules)
-    if unknown:
-        problems.append(problem("lora.target_modules", unknown, f"names modules {arch.model_type} "
-                                "does not have", f"use some of {', '.join(arch.linears)} or all-linear"))
-    lora_params = arch.layers * sum(
-        lora.r * (i + o) * n + (o * n if lora.use_dora else 0)
-        for name, (i, o, n) in arch.linears.items() if name in modules
-    )
-    optim_bytes = OPTIMIZER_STATE_BYTES[train.optim]
-    static = {
-        "base_weights": int(base),
-        "unquantized_weights": int(unquantized),
-        "lora_weights": lora_params * recipe.adapter_bytes,
-        "lora_gradients": lora_params * recipe.adapter_bytes,
-        "optimizer_states": lora_params * optim_bytes,
-        # bitsandbytes dequantizes a weight to the compute dtype for each 4/8-bit matmul
-        # (forward, and the input gradient in backward): room for the largest one.
-        "dequant_buffer": arch.largest_linear * cb if kbit else 0,
-        "runtime_overhead": RUNTIME_OVERHEAD_BYTES if profile is None or profile.is_gpu else 0,
-    }
-
-    # Activations, per token. `ab` is the width of the tensors a layer saves: the residual
-    # stream has the embeddings' dtype (fp32 after k-bit preparation); autocast only narrows
-    # the matmuls' inputs, and bitsandbytes casts its outputs back to the input dtype.
-    ab = max(unq_bytes, cb)
-    s = train.max_seq_len
-    h, kv = arch.hidden, arch.kv_heads * arch.head_dim
-    qd = arch.heads * arch.head_dim
-    inter = arch.intermediate * arch.experts_per_token
-    eager = effective_attention(cfg.model.attn_implementation, arch.model_type) == "eager"
-    # What one layer saves for backward: the normed inputs, q/k/v before and after RoPE,
-    # the attention output, the MLP's gate/up/act/product, and RMSNorm's fp32 internals.
-    layer_elems = 3 * h + 2 * qd + 4 * kv + 4 * inter
-    layer_bytes = layer_elems * ab + 2 * 2 * h * 4
-    if eager:
-        # Eager attention materializes heads x seq scores per token (fp32 softmax + copy).
-        layer_bytes += arch.heads * s * (4 + cb)
-    if lora.dropout > 0:
-        # PEFT applies dropout per adapted module: the dropped input and its mask.
-        layer_bytes += sum(i * n * (ab + 1) for name, (i, _, n) in arch.linears.items()
-                           if name in modules)
-    if train.gradient_checkpointing:
-        # Saved: every layer's input. Live in backward: one recomputed layer plus the
-        # gradients flowing through it (about its widest tensors twice).
-        act = arch.layers * h * ab + layer_bytes + 2 * (inter + h) * ab
-    else:
-        act = arch.layers * layer_bytes + 2 * (inter + h) * ab
-    # Logits: the loss upcasts them to fp32 and log-softmax saves its fp32 output; the peak
-    # is log-softmax's backward, with that output, its incoming and its outgoing gradient.
-    logits = arch.vocab * 12
-    per_sample = {"activations": act * s, "logits": logits * s}
-    lm_head_fp32 = unq_bytes == 4 and cb == 2
-    fixed_dynamic = {
-        "lm_head_copy": arch.vocab * h * cb if recipe.autocast_lm_head_copy and lm_head_fp32 else 0,
-    }
-
-    # Evaluation (eval loss and the self-embedder) runs forward only, eval.batch_size rows at
-    # a time: the logits in the compute dtype and fp32, one layer's transient tensors, and
-    # every layer's hidden state (the embedder asks for output_hidden_states).
-    eval_dynamic = 0
-    if recipe.count_eval:
-        per_eval_token = arch.vocab * (cb + 4 + 4) + (arch.layers + 1) * h * ab + layer_bytes
-        eval_rows = cfg.eval.batch_size if eval_batch_size is None else eval_batch_size
-        eval_dynamic = eval_rows * s * per_eval_token + fixed_dynamic["lm_head_copy"]
-    return static, per_sample, fixed_dynamic, eval_dynamic, problems
-
-
-def _assemble(
-    static: dict[str, int], per_sample: dict[str, int], fixed_dynamic: dict[str, int],
-    eval_dynamic: int, bs: int, problems: list[str],
-) -> Estimate:
-    breakdown = dict(static)
-    for key, value in per_sample.items():
-        breakdown[key] = value * bs
-    breakdown.update(fixed_dynamic)
-    train_dynamic = sum(per_sample.values()) * bs + sum(fixed_dynamic.values())
-    # The breakdown describes the training step; when the eval pass peaks higher, the
-    # difference is its own line so the parts still add up to the peak.
-    breakdown["eval_extra"] = max(0, eval_dynamic - train_dynamic)
-    return Estimate(peak_bytes=sum(breakdown.values()), breakdown=breakdown, problems=tuple(problems))
+    lo, hi = 1, 2
+    while hi <= limit and fits(hi):
+        lo, hi = hi, hi * 2
+    hi = min(hi, limit + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
 
 
 def gib(n: int | float | None) -> float:
     return math.nan if n is None else n / GiB
+
+
+# ---------------------------------------------------------------------------------------
+# the mechanism
+
+
+class _Model:
+    """Widths and per-token bytes of the model qlora-ray builds for one cell.
+
+    Width names: `cb` compute dtype (what autocast casts matmul inputs to), `ub` the
+    unquantized parameters (embeddings, lm_head, norms), `rb` the residual stream (the
+    embeddings' dtype: nothing narrows it), `mw` the MLP's activations (a 4-bit layer
+    returns its input's dtype; nn.Linear under autocast returns `cb`).
+    """
+
+    def __init__(self, arch: Architecture, cfg: ExperimentConfig, profile: GpuProfile | None,
+                 recipe: Recipe):
+        self.arch, self.cfg, self.recipe = arch, cfg, recipe
+        q = cfg.quant
+        self.bits = q.bits
+        self.cb = DTYPE_BYTES[resolve_compute_dtype(q.compute_dtype, profile)]
+        self.autocast = self.cb == 2  # the Trainer's bf16/fp16 mixed precision
+        kbit = q.bits in (4, 8)
+        upcast = (kbit and recipe.kbit_upcast) or (q.bits == 16 and recipe.upcast_16bit_model)
+        self.ub = recipe.unquantized_bytes or (4 if upcast else self.cb)
+        self.rb = self.ub
+        self.cpu = recipe.device == "cpu"
+        self.mw = self.linear_out(self.rb)
+        self.problems: list[str] = []
+        modules, unknown = adapted_modules(arch, cfg.lora.target_modules)
+        if unknown:
+            self.problems.append(problem(
+                "lora.target_modules", unknown, f"names modules {arch.model_type} does not have",
+                f"use some of {', '.join(arch.linears)} or all-linear"))
+        self.modules = modules
+        lora = cfg.lora
+        self.lora_params = arch.layers * sum(
+            lora.r * (i + o) * n + (o * n if lora.use_dora else 0)
+            for name, (i, o, n) in arch.linears.items() if name in modules)
+
+    def linear_out(self, in_bytes: int) -> int:
+        """Width of a base Linear's output for an input of `in_bytes`."""
+        if self.bits == 4:
+            return in_bytes  # Linear4bit casts its result back to the input's dtype
+        if self.bits == 8 and not self.cpu:
+            return in_bytes  # MatMul8bitLt: int8_scaled_mm(..., dtype=A.dtype)
+        return self.cb if self.autocast else in_bytes
+
+    # -- static ---------------------------------------------------------------------
+
+    def static(self) -> dict[str, int]:
+        """Alive through training and eval (the Trainer keeps its optimizer after training)."""
+        arch, cfg = self.arch, self.cfg
+        n = arch.linear_params
+        if self.bits == 4:
+            consts = 1 / NF4_BLOCK + 4 / (NF4_BLOCK * DQ_BLOCK) if cfg.quant.double_quant else 4 / NF4_BLOCK
+            base = n * (0.5 + consts)
+        elif self.bits == 8:
+            base = n + arch.layers * sum(o * k for _, o, k in arch.linears.values()) * 4  # int8 + SCB
+        else:  # 16-bit: the compute dtype, or fp32 when k-bit preparation ran on it too
+            base = n * (4 if self.recipe.upcast_16bit_model else self.cb)
+        opt = _optimizer_state_bytes(cfg.train.optim, self.lora_params, self._small_lora_params())
+        return {
+            "base_weights": int(base),
+            "unquantized_weights": (arch.embedding_params + arch.other_params) * self.ub,
+            "lora_weights": self.lora_params * self.recipe.adapter_bytes,
+            "optimizer_states": opt,
+        }
+
+    def _small_lora_params(self) -> int:
+        """Adapter parameters in tensors too small for 8-bit optimizer state."""
+        r = self.cfg.lora.r
+        return sum(r * d * n * self.arch.layers for name, (i, o, n) in self.arch.linears.items()
+                   if name in self.modules for d in (i, o) if r * d < BNB_MIN_8BIT_SIZE)
+
+    # -- training -------------------------------------------------------------------
+
+    def layer_saved(self, seq: int, masked: bool, first: bool = False) -> dict[str, float]:
+        """Bytes per token one decoder layer keeps for backward, by part, for rows of `seq`.
+
+        `first`: layer 0 without checkpointing, whose input does not require grad (only
+        checkpointing calls `enable_input_require_grads`), so its input norm and q/k/v
+        dropout keep nothing. `masked`: the batch carries an attention mask.
+        """
+        a, cb, rb, mw = self.arch, self.cb, self.rb, self.mw
+        h, inter = a.hidden, a.intermediate * a.experts_per_token
+        parts: dict[str, float] = {}
+        # RMSNorm computes in fp32 and keeps its fp32 input (a copy when rb is 16-bit).
+        parts["norms"] = (1 if first else 2) * (h * 4 + 4)
+        parts["attention"] = self._attention_saved(seq, masked)
+        # act(gate) keeps gate; act * up keeps act and up. Phi-3's fused gate_up is the
+        # same two tensors in one.
+        parts["mlp"] = 3 * inter * mw
+        parts["lora"] = self._lora_saved(first)
+        if self.bits == 8:
+            # MatMul8bit* keep their input A for backward: one per distinct input tensor
+            # (q/k/v share the attention norm's output, gate/up the MLP norm's).
+            keep_first = self.cpu or not first  # MatMul8bitLt keeps A only if it needs grad
+            parts["int8_inputs"] = (h * rb if keep_first else 0) + a.q_dim * cb + h * rb + inter * mw
+        if self.recipe.saves_4bit_input and self.bits == 4:
+            # Old MatMul4Bit kept A, the compute-dtype copy each Linear4bit makes of its input
+            # (one per module: q, k, v and gate, up each cast separately; o_proj's input is
+            # already 16-bit and kept by attention anyway).
+            attn_in = sum(1 for m in ("q_proj", "k_proj", "v_proj", "qkv_proj") if m in a.linears)
+            mlp_in = sum(1 for m in ("gate_proj", "up_proj", "gate_up_proj") if m in a.linears)
+            parts["int4_inputs"] = ((0 if first else attn_in) + mlp_in) * h * cb + inter * cb
+        return parts
+
+    def _attention_saved(self, seq: int, masked: bool) -> float:
+        a, cb = self.arch, self.cb
+        if effective_attention(self.cfg.model.attn_implementation, a.model_type) == "eager":
+            # matmul(q, k^T) keeps q and the repeated k; softmax keeps its fp32 output and
+            # matmul(probs, v) the 16-bit probs and the repeated v.
+            return 3 * a.q_dim * cb + a.heads * seq * (4 + cb)
+        # SDPA (flash / memory-efficient on CUDA, flash-for-CPU here) keeps q, k, v, the
+        # output and the log-sum-exp; transformers repeats k/v for GQA when a mask is passed.
+        kv = a.q_dim if masked else a.kv_dim
+        return (2 * a.q_dim + 2 * kv) * cb + a.heads * 4
+
+    def _lora_saved(self, first: bool) -> float:
+        a, cb = self.arch, self.cb
+        r = self.cfg.lora.r
+        mask = 4 if self.cpu else 1  # CPU dropout keeps an fp32 noise tensor, CUDA a bool mask
+        total = 0.0
+        for name in self.modules:
+            i, _, n = a.linears[name]
+            no_grad_input = first and name in ("q_proj", "k_proj", "v_proj", "qkv_proj")
+            dropout = self.cfg.lora.dropout > 0 and not no_grad_input
+            # PEFT casts the input to the fp32 adapter dtype, drops it out (keeping the
+            # mask), and autocast casts it to cb for lora_A, which keeps that copy; lora_B
+            # keeps lora_A's r-wide output.
+            total += n * (i * ((mask if dropout else 0) + (cb if self.autocast else 4)) + r * cb)
+        return total
+
+    def train_moments(self, bs: int, seq: int, shape_masked: bool | None = None) -> dict[str, dict[str, int]]:
+        """Tensors beyond `static()` at the three moments that can be a step's peak."""
+        a, cfg, cb, rb = self.arch, self.cfg, self.cb, self.rb
+        tokens = bs * seq
+        # Rows of unequal length (any batch of 2+, or packed rows) carry an attention mask.
+        masked = shape_masked if shape_masked is not None else bs > 1 or cfg.dataset.packing
+        ckpt = cfg.train.gradient_checkpointing
+        h, inter, L = a.hidden, a.intermediate * a.experts_per_token, a.layers
+        per_layer = sum(self.layer_saved(seq, masked).values())
+        first = sum(self.layer_saved(seq, masked, first=True).values())
+        saved = tokens * (L * h * rb if ckpt else first + (L - 1) * per_layer)
+        # Autocast's 16-bit copies of the adapter weights live in its cache until the forward
+        # ends; after that only the matmuls' saved ones (none under checkpointing).
+        copies = self.lora_params * cb if self.autocast else 0
+        kept_copies = 0 if ckpt else copies
+        grads = self.lora_params * 4
+        accumulating = cfg.train.grad_accum > 1
+        common = {
+            "lm_head_copy": a.vocab * h * cb if self.ub != cb and self.autocast else 0,
+            "attention_mask": bs * seq * seq * (1 + L * cb) if masked else 0,  # bool mask, float biases
+        }
+        logits = tokens * a.vocab
+        # Forward's end: the loss inside the forward, with the 16-bit logits, their fp32 copy
+        # and log_softmax's output; autocast's cache still holds every adapter copy.
+        forward = {"activations": saved + tokens * h * 4, "logits": logits * (cb + 8),
+                   "lora_autocast_copies": copies, "lora_gradients": grads if accumulating else 0, **common}
+        # Loss: log_softmax's backward, with its fp32 output, nll_loss's gradient and its own.
+        loss = {"activations": saved + tokens * h * 4, "logits": logits * 12,
+                "lora_autocast_copies": kept_copies, "lora_gradients": grads if accumulating else 0,
+                **common}
+        # Layer: a decoder layer's backward (recomputed under checkpointing), the MLP's
+        # gradients in flight (d(act*up), d act, d up), the residual stream's gradient and the
+        # dequantized weight of the matmul running. The first layer backward reaches has
+        # every checkpointed input still alive; the last has every adapter's gradient.
+        transient = tokens * (3 * inter * self.mw + 2 * h * rb + (per_layer if ckpt else 0))
+        largest = max(i * o for i, o, _ in a.linears.values())
+        base = {"dequant_buffer": largest * cb if self.bits in (4, 8) else 0,
+                "attention_mask": common["attention_mask"]}
+        first_bwd = {"activations": transient + saved,
+                     "lora_gradients": grads if accumulating else grads / L,
+                     "lora_autocast_copies": copies / L if ckpt else copies, **base}
+        last_bwd = {"activations": transient + tokens * (h * rb if ckpt else first),
+                    "lora_gradients": grads, "lora_autocast_copies": copies / L, **base}
+        layer = max(first_bwd, last_bwd, key=lambda d: sum(d.values()))
+        return {"forward": _ints(forward), "loss": _ints(loss), "layer": _ints(layer)}
+
+    # -- eval -----------------------------------------------------------------------
+
+    def eval_moments(self, rows: int, shape: Shape) -> dict[str, dict[str, int]]:
+        """The eval pass as evaluate.py runs it (see its docstring)."""
+        a, cb, rb = self.arch, self.cb, self.rb
+        h, inter, L = a.hidden, a.intermediate * a.experts_per_token, a.layers
+        new = self.cfg.eval.max_new_tokens
+        # Generation runs outside autocast: q/k/v (and the KV cache) come out of 4/8-bit
+        # layers in the residual stream's dtype.
+        kvb = self.linear_out(rb) if self.bits != 16 else self.cb
+        prompt = shape.eval_prompt
+        kv_cache = 2 * L * rows * a.kv_dim * (prompt + new) * kvb
+        prefill = rows * prompt * (3 * inter * kvb + 4 * h * rb + (a.q_dim + 2 * a.kv_dim) * kvb)
+        generate = {"kv_cache": kv_cache, "activations": prefill, "logits": rows * a.vocab * 8}
+        # Eval loss: one forward of eval.batch_size rows under autocast, no grad: the 16-bit
+        # logits, their fp32 copy and log_softmax.
+        t = rows * shape.eval_seq
+        loss = {"logits": t * a.vocab * (cb + 8), "activations": t * (3 * inter * self.mw + 4 * h * rb)}
+        # Similarity embedding: every layer's hidden state is kept (output_hidden_states),
+        # and the LM head runs too.
+        t = rows * max(shape.reference, new)
+        embed = {"hidden_states": t * (L + 1) * h * rb, "logits": t * a.vocab * (cb + 4),
+                 "activations": t * (3 * inter * self.mw + 4 * h * rb)}
+        return {"generate": _ints(generate), "eval_loss": _ints(loss), "embed": _ints(embed)}
+
+
+def _ints(d: dict[str, float]) -> dict[str, int]:
+    return {k: int(v) for k, v in d.items()}
+
+
+def _optimizer_state_bytes(optim: str, params: int, small: int) -> int:
+    """Two moments per trainable parameter: fp32, or bitsandbytes' 8-bit codes with one fp32
+    absmax per 256 values (`small`: parameters in tensors under BNB_MIN_8BIT_SIZE, which
+    stay fp32)."""
+    if OPTIMIZER_STATE_BYTES[optim] == 8:
+        return params * 8
+    big = params - small
+    return small * 8 + big * 2 + math.ceil(big / BNB_STATE_BLOCK) * 8

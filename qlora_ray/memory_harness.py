@@ -52,11 +52,11 @@ from qlora_ray.config import ExperimentConfig, from_dict, to_dict
 # What a CPU run cannot show, and where the estimator accounts for it (docs/memory.md).
 CPU_VS_GPU = {
     "cuda_context": "CUDA context and kernel images (300-600 MiB, driver and card dependent): "
-                    "memory.RUNTIME_OVERHEAD, outside torch's allocator",
+                    "memory.CUDA_CONTEXT_BYTES, outside torch's allocator",
     "allocator": "the caching allocator's block rounding (512 B / 2 MiB segments) and fragmentation "
                  "between reserved and allocated: memory.ALLOCATOR_SLACK as a share of the dynamic peak",
     "workspaces": "cuBLAS/cuBLASLt workspaces (a few MiB per stream and handle) and bitsandbytes' "
-                  "kernel scratch: inside RUNTIME_OVERHEAD",
+                  "kernel scratch: inside CUDA_CONTEXT_BYTES",
     "attention": "the CPU runs SDPA's flash kernel for CPU; CUDA runs FlashAttention or memory-"
                  "efficient attention, which save the same output and log-sum-exp (no seq x seq "
                  "matrix); eager attention materializes seq x seq on both",
@@ -76,12 +76,18 @@ class Measurement:
     """Live before training: weights, quantization constants, adapters."""
     train_peak_bytes: int
     eval_peak_bytes: int
+    loss_peak_bytes: int
+    """Peak of the forward pass and the loss's backward, up to the final norm's gradient."""
+    layer_peak_bytes: int
+    """Peak of the decoder layers' backward and the optimizer step."""
     after_train_bytes: int
     """Live when training ends (adapters, gradients if kept, optimizer state)."""
     train_seconds: float
     eval_seconds: float
     train_top: list[tuple[str, int]] = field(default_factory=list)
-    """Live bytes at the training peak by (phase, op, dtype), largest first."""
+    """Live bytes at the training peak by (phase, op, dtype, shape), largest first."""
+    loss_top: list[tuple[str, int]] = field(default_factory=list)
+    layer_top: list[tuple[str, int]] = field(default_factory=list)
     eval_top: list[tuple[str, int]] = field(default_factory=list)
     ops_seen: list[str] = field(default_factory=list)
     """Attention and matmul ops that ran (which SDPA kernel the CPU used, for instance)."""
@@ -117,6 +123,9 @@ class LiveBytes:
         self.events: list[tuple[int, int, int]] = []  # (storage key, +bytes / -bytes, tag)
         self._peak_event = 0
         self.ops: set[str] = set()
+        # Named stretches of a phase (`region`), each with its own peak and its event index.
+        self.region: str | None = None
+        self.region_peaks: dict[str, tuple[int, int]] = {}
 
     def _tag(self, text: str) -> int:
         if text not in self._tag_ids:
@@ -139,7 +148,15 @@ class LiveBytes:
         if self.current > self.peak:
             self.peak = self.current
             self._peak_event = len(self.events)
+        if self.region is not None and self.current > self.region_peaks.get(self.region, (0, 0))[0]:
+            self.region_peaks[self.region] = (self.current, len(self.events))
         weakref.finalize(st, self._free, key)
+
+    def set_region(self, name: str | None) -> None:
+        """From now on, peaks also count toward region `name`."""
+        self.region = name
+        if name is not None and self.current > self.region_peaks.get(name, (0, 0))[0]:
+            self.region_peaks[name] = (self.current, len(self.events))
 
     def _free(self, key: int) -> None:
         entry = self.live.pop(key, None)
@@ -170,10 +187,11 @@ class LiveBytes:
         self.peak = self.current
         self._peak_event = len(self.events)
 
-    def composition_at_peak(self, top: int = 40) -> list[tuple[str, int]]:
-        """Bytes live at the current phase's peak, by tag, largest first."""
+    def composition_at_peak(self, top: int = 40, region: str | None = None) -> list[tuple[str, int]]:
+        """Bytes live at the current phase's peak (or a region's), by tag, largest first."""
+        end = self._peak_event if region is None else self.region_peaks.get(region, (0, 0))[1]
         live: dict[int, tuple[int, int]] = {}
-        for key, n, tid in self.events[: self._peak_event]:
+        for key, n, tid in self.events[:end]:
             if n > 0:
                 live[key] = (n, tid)
             else:
@@ -341,13 +359,20 @@ def measure(
             autocast=True,
         )
         counter = LiveBytes()
+        hooks = _mark_moments(loaded.model, counter)
         static = counter.register_alive()
         with counter.mode():
             counter.mark()
             t0 = time.perf_counter()
             trainer.train()
             train_seconds = time.perf_counter() - t0
+            for h in hooks:
+                h.remove()
+            counter.set_region(None)
             train_peak, train_top = counter.peak, counter.composition_at_peak()
+            loss_peak, layer_peak = (counter.region_peaks.get(r, (0, 0))[0] for r in ("loss", "layer"))
+            loss_top = counter.composition_at_peak(region="loss")
+            layer_top = counter.composition_at_peak(region="layer")
             counter.mark()
             after_train = counter.current
             t0 = time.perf_counter()
@@ -365,12 +390,35 @@ def measure(
         del trainer, loaded
         gc.collect()
         return Measurement(layers=layers, static_bytes=static, train_peak_bytes=train_peak,
-                           eval_peak_bytes=eval_peak, after_train_bytes=after_train,
+                           eval_peak_bytes=eval_peak, loss_peak_bytes=loss_peak,
+                           layer_peak_bytes=layer_peak, after_train_bytes=after_train,
                            train_seconds=round(train_seconds, 2), eval_seconds=round(eval_seconds, 2),
-                           train_top=train_top, eval_top=eval_top, ops_seen=sorted(counter.ops))
+                           train_top=train_top, loss_top=loss_top, layer_top=layer_top,
+                           eval_top=eval_top, ops_seen=sorted(counter.ops))
     finally:
         tmp.cleanup()
         torch.set_grad_enabled(True)
+
+
+def _mark_moments(model: Any, counter: LiveBytes) -> list[Any]:
+    """Split each training step into the estimator's two moments: `loss` from the start of
+    the forward pass until the gradient reaches the final norm's input, `layer` from there
+    (the decoder layers' backward, then the optimizer step)."""
+    import torch
+
+    norm = next((m for name, m in model.named_modules() if name.endswith("model.norm")), None)
+    if norm is None:
+        raise ValueError("the harness needs a decoder with a final `model.norm`")
+
+    def start_loss(module: Any, args: Any) -> None:
+        counter.set_region("loss")
+
+    def watch_norm_input(module: Any, args: Any) -> None:
+        hidden = args[0] if args else None
+        if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(lambda grad: counter.set_region("layer"))
+
+    return [model.register_forward_pre_hook(start_loss), norm.register_forward_pre_hook(watch_norm_input)]
 
 
 def measure_isolated(model_config: dict[str, Any], cfg: ExperimentConfig, timeout: float = 7200,
@@ -383,8 +431,8 @@ def measure_isolated(model_config: dict[str, Any], cfg: ExperimentConfig, timeou
     if proc.returncode != 0:
         raise RuntimeError(f"harness point failed:\n{proc.stderr[-4000:]}")
     data = json.loads(proc.stdout.strip().splitlines()[-1])
-    data["train_top"] = [tuple(x) for x in data["train_top"]]
-    data["eval_top"] = [tuple(x) for x in data["eval_top"]]
+    for key in ("train_top", "loss_top", "layer_top", "eval_top"):
+        data[key] = [tuple(x) for x in data[key]]
     return Measurement(**data)
 
 

@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlora_ray.calibrate import Correction, Corrections
 from qlora_ray.config import BUILTIN_PREFIX, ConfigError, ExperimentConfig, problem
 from qlora_ray.grid import DEFAULT_MAX_CELLS, Spec, load_spec
-from qlora_ray.memory import Architecture, architecture, estimate, largest_batch
+from qlora_ray.lengths import batch_shape
+from qlora_ray.memory import Architecture, Estimate, Shape, architecture, estimate, largest_batch
 from qlora_ray.modelcheck import model_problems
 from qlora_ray.profiles import GpuProfile, capability_problems, get_profile, resolve_compute_dtype
 from qlora_ray.timing import Factors, TimePrediction, predict
-from qlora_ray.workload import data_lengths
+from qlora_ray.workload import DataLengths, data_lengths
 
 MODEL_CONFIGS_ENV = "QLORA_RAY_MODEL_CONFIGS"
 # `batch_size: auto` leaves this share of the card free: the caching allocator fragments,
@@ -53,14 +55,22 @@ class CellPlan:
     compute_dtype: str
     """Effective: `auto` resolved against the profile."""
     predicted_peak_bytes: int | None
+    """The larger of the training and eval peaks (the results contract's column)."""
     breakdown: dict[str, int]
     fits: bool
+    """False only when the cell is sure not to fit: even the low end of its range is over."""
     problems: list[str]
     """Why the cell cannot run as specified; empty when it can."""
     notes: list[str] = field(default_factory=list)
     """Things worth knowing that do not stop the cell (e.g. the OOM back-off it will need)."""
     time: TimePrediction | None = None
     """Predicted training time, GPU time and cost (None: no data or no speed numbers)."""
+    estimate: Estimate | None = None
+    tight: bool = False
+    """Runs, but the card is inside the predicted range: it may end as an `oom` row."""
+    shape: Shape | None = None
+    family: str | None = None
+    correction: Correction | None = None
 
     @property
     def headroom(self) -> float | None:
@@ -69,15 +79,44 @@ class CellPlan:
             return None
         return 1 - self.predicted_peak_bytes / self.profile.usable_bytes
 
+    def predictions(self) -> dict[str, Any]:
+        """The prediction columns of this cell's result row."""
+        est = self.estimate
+        if est is None:
+            return {"predicted_peak_bytes": self.predicted_peak_bytes}
+        return {
+            "predicted_peak_bytes": est.peak_bytes,
+            "predicted_train_bytes": est.train_bytes,
+            "predicted_eval_bytes": est.eval_bytes,
+            "predicted_train_low_bytes": est.train_range[0],
+            "predicted_train_high_bytes": est.train_range[1],
+            "predicted_eval_low_bytes": est.eval_range[0],
+            "predicted_eval_high_bytes": est.eval_range[1],
+            "predicted_tight": self.tight,
+            "predicted_train_seq": self.shape.train_seq if self.shape else None,
+            "predicted_lengths": self.shape.source if self.shape else None,
+            "model_family": self.family,
+            "memory_correction": self.correction.factor if self.correction else 1.0,
+        }
+
     def to_json(self) -> dict[str, Any]:
+        est = self.estimate
         return {
             "experiment_id": self.experiment_id,
             "name": self.name,
             "gpu": self.gpu,
             "predicted_peak_bytes": self.predicted_peak_bytes,
             "fits": self.fits,
+            "tight": self.tight,
             "problems": list(self.problems),
             "breakdown": dict(self.breakdown),
+            "eval_breakdown": dict(est.eval_breakdown) if est else {},
+            "train_moment": est.train_moment if est else None,
+            "eval_moment": est.eval_moment if est else None,
+            **{k: v for k, v in self.predictions().items() if k != "predicted_peak_bytes"},
+            "predicted_low_bytes": est.peak_range[0] if est else None,
+            "predicted_high_bytes": est.peak_range[1] if est else None,
+            "correction_group": self.correction.key if self.correction else None,
             "batch_size": self.batch_size,
             "batch_size_requested": str(self.config.train.batch_size),
             "compute_dtype": self.compute_dtype,
@@ -162,13 +201,23 @@ def _read_json(path: Path, name: str) -> dict[str, Any]:
 
 
 def plan_spec(
-    spec: Spec, *, model_configs: Sequence[str | Path] = (), calibration: Any = None,
+    spec: Spec,
+    *,
+    model_configs: Sequence[str | Path] = (),
+    worst_case: bool = False,
+    corrections: Corrections | None = None,
+    calibration: Any = None,
 ) -> list[CellPlan]:
     """One CellPlan per cell, in the spec's order. Reads each model's config.json once.
 
-    `calibration` (anything with `factors(cfg, arch, profile) -> timing.Factors`, e.g. a
-    loaded calibration file) replaces the default efficiency of the time prediction.
+    Each cell is sized by its data's token lengths (`qlora_ray.lengths`), or with every row
+    `max_seq_len` long when `worst_case` (or when the data is not a local file).
+    `corrections` (from `qlora-ray calibrate`) scale each memory prediction for its family
+    and card. `calibration` (anything with `factors(cfg, arch, profile) -> timing.Factors`,
+    e.g. a loaded calibration file) replaces the default efficiency of the time prediction.
     """
+    if calibration is None:
+        calibration = corrections  # one file: memory corrections and time efficiencies
     archs: dict[tuple[str, str | None], Architecture] = {}
     plans: list[CellPlan] = []
     search = [*model_configs, *filter(None, os.environ.get(MODEL_CONFIGS_ENV, "").split(os.pathsep))]
@@ -177,7 +226,8 @@ def plan_spec(
         if key not in archs:
             archs[key] = architecture(
                 load_model_config(cfg.model.name, cfg.model.revision, model_configs), cfg.model.name)
-        plan = plan_cell(cfg, archs[key], spec.profiles)
+        lengths = None if worst_case else data_lengths(cfg, search)
+        plan = plan_cell(cfg, archs[key], spec.profiles, lengths=lengths, corrections=corrections)
         time, note = plan_time(plan, archs[key], spec.profiles, search, calibration)
         plans.append(dataclasses.replace(plan, time=time, notes=[*plan.notes, *filter(None, [note])]))
     return plans
@@ -205,8 +255,18 @@ def plan_time(
 
 
 def plan_cell(
-    cfg: ExperimentConfig, arch: Architecture, profiles: dict[str, GpuProfile] | None = None
+    cfg: ExperimentConfig,
+    arch: Architecture,
+    profiles: dict[str, GpuProfile] | None = None,
+    *,
+    lengths: DataLengths | None = None,
+    corrections: Corrections | None = None,
 ) -> CellPlan:
+    """Plan one cell: its batch, predicted peaks with ranges, and whether it may run.
+
+    Memory gates only on certainty: a cell is refused when even the low end of its range is
+    above the card. Inside the range it runs and is `tight`.
+    """
     profile = get_profile(cfg.gpu, profiles) if cfg.gpu is not None else None
     compute = resolve_compute_dtype(cfg.quant.compute_dtype, profile)
     problems = capability_problems(profile, cfg.quant.compute_dtype, cfg.model.attn_implementation)
@@ -216,51 +276,72 @@ def plan_cell(
                                 "set gpu, or drop emulate_profile"))
     limit = profile.usable_bytes if profile is not None and profile.is_gpu else None
     budget = None if limit is None else int(limit * (1 - AUTO_BATCH_MARGIN))
+    corr = corrections.lookup(arch.family, profile.name if profile else None) if corrections else None
+    scale = {"correction": corr.factor, "correction_spread": corr.spread} if corr else {}
+
+    def shape_at(b: int) -> Shape:
+        s = batch_shape(cfg, lengths, b)
+        return Shape(train_seq=s.train_seq, eval_prompt=s.eval_prompt, eval_seq=s.eval_seq,
+                     reference=s.reference, source=s.source)
 
     if isinstance(cfg.train.batch_size, int):
         bs = cfg.train.batch_size
     elif budget is None:
         bs = AUTO_BATCH_UNBOUNDED
     else:
-        bs = max(1, largest_batch(arch, cfg, profile, budget, limit=AUTO_BATCH_LIMIT))
-    est = estimate(arch, cfg, profile, batch_size=bs)
+        bs = max(1, largest_batch(arch, cfg, profile, budget, limit=AUTO_BATCH_LIMIT, shape=shape_at(1),
+                                  correction=corr.factor if corr else 1.0))
+    shape = shape_at(bs)
+    est = estimate(arch, cfg, profile, batch_size=bs, shape=shape, **scale)
     problems.extend(est.problems)
     problems.extend(model_problems(cfg, arch))  # an attention kernel or rank the model cannot take
-    fits = limit is None or est.peak_bytes <= limit
+    low, high = est.peak_range
+    fits = limit is None or low <= limit
+    tight = limit is not None and fits and high > limit
 
-    if not fits and profile is not None and limit is not None:
-        need = f"predicted peak {est.peak_bytes / GiB:.1f} GiB exceeds {profile.name}'s {limit / GiB:.1f} GiB"
-        step = _backoff_until_fits(cfg, arch, profile, bs, limit) if cfg.train.oom_backoff else None
-        if step is not None:
-            notes.append(f"{need} at batch_size {bs}; train.oom_backoff will retry at batch_size "
-                         f"{step[0]} x grad_accum {step[1]}")
-        else:
-            problems.append(f"does not fit: {need} at train.batch_size {bs}; "
-                            + _fit_hint(cfg, arch, profile, budget or limit))
+    if limit is not None and profile is not None:
+        need = (f"predicted peak {est.peak_bytes / GiB:.1f} GiB (range {low / GiB:.1f}-{high / GiB:.1f}) "
+                f"against {profile.name}'s {limit / GiB:.1f} GiB")
+        if not fits:
+            step = _backoff_until_fits(cfg, arch, profile, bs, limit, shape_at, scale) \
+                if cfg.train.oom_backoff else None
+            if step is not None:
+                notes.append(f"{need} at batch_size {bs}; train.oom_backoff will retry at batch_size "
+                             f"{step[0]} x grad_accum {step[1]}")
+            else:
+                problems.append(f"does not fit: {need} at train.batch_size {bs}, even the low end is over; "
+                                + _fit_hint(cfg, arch, profile, budget or limit, shape, scale)
+                                + " (or run it anyway with `run --force`)")
+        elif tight:
+            notes.append(f"tight: {need}; it may run out of memory, which records an `oom` row")
     return CellPlan(
         config=cfg, experiment_id=cfg.experiment_id, name=cfg.name, gpu=cfg.gpu, profile=profile,
         batch_size=bs, compute_dtype=compute, predicted_peak_bytes=est.peak_bytes,
-        breakdown=est.breakdown, fits=fits, problems=problems, notes=notes,
+        breakdown=est.breakdown, fits=fits, problems=problems, notes=notes, estimate=est,
+        tight=tight, shape=shape, family=arch.family, correction=corr,
     )
 
 
-def _fit_hint(cfg: ExperimentConfig, arch: Architecture, profile: GpuProfile, budget: int) -> str:
-    n = largest_batch(arch, cfg, profile, budget)
+def _fit_hint(cfg: ExperimentConfig, arch: Architecture, profile: GpuProfile, budget: int,
+              shape: Shape, scale: dict[str, float]) -> str:
+    factor = scale.get("correction", 1.0)
+    n = largest_batch(arch, cfg, profile, budget, shape=shape, correction=factor)
     if n >= 1:
         return (f"use train.batch_size {n} or auto (raise train.grad_accum to keep the effective "
                 "batch), or set train.oom_backoff")
-    if largest_batch(arch, cfg, profile, budget, eval_batch_size=1) >= 1:
+    if largest_batch(arch, cfg, profile, budget, eval_batch_size=1, shape=shape, correction=factor) >= 1:
         return f"the eval pass is the peak: lower eval.batch_size (now {cfg.eval.batch_size})"
     return ("even batch_size 1 does not fit: use fewer quant.bits, a shorter train.max_seq_len, "
             "train.gradient_checkpointing, or a bigger gpu")
 
 
 def _backoff_until_fits(cfg: ExperimentConfig, arch: Architecture, profile: GpuProfile, bs: int,
-                        limit: int) -> tuple[int, int] | None:
-    """(batch_size, grad_accum) the run's OOM back-off would settle on, if any fits."""
+                        limit: int, shape_at: Any, scale: dict[str, float]) -> tuple[int, int] | None:
+    """(batch_size, grad_accum) the run's OOM back-off would settle on, if any may fit."""
     step: tuple[int, int] | None = (bs, cfg.train.grad_accum)
     while (step := _backoff_step(*step)) is not None:
-        if estimate(arch, cfg, profile, batch_size=step[0]).peak_bytes <= limit:
+        est = estimate(arch, cfg, profile, batch_size=step[0], shape=shape_at(step[0]), **scale)
+        if est.peak_range[0] <= limit:
             return step
     return None
 
@@ -302,9 +383,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "as `skipped` rows")
     parser.add_argument("--max-cells", type=int, default=DEFAULT_MAX_CELLS, metavar="N",
                         help=f"refuse a spec that expands to more cells (default {DEFAULT_MAX_CELLS:,})")
+    add_planning_arguments(parser)
+
+
+def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options `plan` and `run` share: where config.json files are, how to size cells."""
     parser.add_argument("--model-configs", action="append", default=[], metavar="DIR",
                         help=f"folder of config.json files laid out as DIR/<hub id>/config.json, "
                              f"searched before the hub (repeatable; also ${MODEL_CONFIGS_ENV})")
+    parser.add_argument("--worst-case", action="store_true",
+                        help="size every cell as if every row were train.max_seq_len tokens long "
+                             "(default: the token lengths of the cell's own local dataset)")
+    parser.add_argument("--corrections", default=None, metavar="FILE",
+                        help="scale predictions by a file written by `qlora-ray calibrate`")
+
+
+def load_corrections(path: str | None) -> Corrections | None:
+    if not path:
+        return None
+    from qlora_ray.calibrate import load
+
+    return load(path)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -312,14 +411,16 @@ def main(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.spec, max_cells=args.max_cells)
     data_notes = check_spec_datasets(spec)  # bad data is one error here, not a failed row per cell
-    plans = plan_spec(spec, model_configs=args.model_configs)
+    plans = plan_spec(spec, model_configs=args.model_configs, worst_case=args.worst_case,
+                      corrections=load_corrections(args.corrections))
     blocked = [p for p in plans if p.problems]
     if args.json:
         print(json.dumps([p.to_json() for p in plans], indent=1))
     else:
         print(render_table(plans))
-    summary = (f"{spec.name}: {len(plans)} cells, {sum(p.fits for p in plans)} fit, "
-               f"{len(blocked)} cannot run as specified")
+    tight = sum(p.tight for p in plans)
+    summary = (f"{spec.name}: {len(plans)} cells, {sum(p.fits for p in plans)} fit"
+               + (f" ({tight} tight)" if tight else "") + f", {len(blocked)} cannot run as specified")
     out = sys.stderr if args.json else sys.stdout
     if args.json:
         print(total_line(plans), file=out)
@@ -330,38 +431,46 @@ def main(args: argparse.Namespace) -> int:
         print(f"--skip-unfit: `qlora-ray run --skip-unfit` will record those {len(blocked)} cells "
               "as `skipped` rows with the reasons above", file=out)
         return 0
+    if blocked:
+        print("`qlora-ray run --force` runs them anyway (an out-of-memory run ends as an `oom` row)",
+              file=out)
     return 1 if blocked else 0
 
 
 def render_table(plans: list[CellPlan]) -> str:
-    header = ("name", "gpu", "bs", "dtype", "pred GiB", "GPU GiB", "headroom", "fits", "train",
-              "GPU h", "$", "problems")
+    header = ("name", "gpu", "bs", "dtype", "train GiB", "eval GiB", "range GiB", "GPU GiB", "headroom",
+              "fits", "train", "GPU h", "$", "problems")
     rows = [header]
     for p in plans:
         gpu_gib = p.profile.usable_bytes / GiB if p.profile and p.profile.is_gpu else None
-        t = p.time
+        est, t = p.estimate, p.time
         rows.append((
             p.name, p.gpu or "-", str(p.batch_size), p.compute_dtype,
-            f"{p.predicted_peak_bytes / GiB:.2f}" if p.predicted_peak_bytes is not None else "-",
+            f"{est.train_bytes / GiB:.2f}" if est else "-",
+            f"{est.eval_bytes / GiB:.2f}" if est else "-",
+            f"{est.peak_range[0] / GiB:.1f}-{est.peak_range[1] / GiB:.1f}" if est else "-",
             f"{gpu_gib:.1f}" if gpu_gib is not None else "-",
             f"{p.headroom:+.0%}" if p.headroom is not None else "-",
-            "yes" if p.fits else "NO",
+            "NO" if not p.fits else "tight" if p.tight else "yes",
             hms(t.train_seconds) if t else "-",
             _small(t.gpu_seconds / 3600) if t else "-",
             _small(t.usd) if t and t.usd is not None else "-",
             str(len(p.problems)) if p.problems else "",
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 1, 3) else c.rjust(w)
+    lines = ["  ".join(c.ljust(w) if i in (0, 1, 3, 9) else c.rjust(w)
                        for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(total_line(plans))
     detail = [f"  {p.name}: {msg}" for p in plans for msg in p.problems]
+    sources = sorted({p.shape.source for p in plans if p.shape})
     if detail:
         lines += ["", "problems (these cells cannot run as specified):", *detail]
     notes = _grouped((p.name, msg) for p in plans for msg in p.notes)
     if notes:
         lines += ["", "notes:", *notes]
+    if sources:
+        lines += ["", "memory sized for token lengths from: " + "; ".join(sources)]
     return "\n".join(lines)
 
 

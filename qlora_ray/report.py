@@ -193,10 +193,24 @@ def derive(df: pd.DataFrame) -> pd.DataFrame:
     df["card_gib"] = pd.array([_card_gib(r) for r in df.to_dict("records")], dtype="Float64")
     df["train_time"] = pd.array([format_duration(s) for s in df["train_seconds"]], dtype="string")
     df["peak_gib"] = df["peak_memory_bytes"].astype("Float64") / GIB
-    df["predicted_gib"] = df["predicted_peak_bytes"].astype("Float64") / GIB
+    # Like with like: the predicted training peak against the measured training peak
+    # (`peak_train_bytes` where the worker records it, else `peak_memory_bytes`, which is the
+    # training phase's); rows from before the split carry only `predicted_peak_bytes`.
+    measured = _first_present(df, "peak_train_bytes", "peak_memory_bytes") / GIB
+    df["predicted_gib"] = _first_present(df, "predicted_train_bytes", "predicted_peak_bytes") / GIB
     # Positive: the planner over-predicted (safe side); negative: the run used more.
-    df["predicted_error_pct"] = (df["predicted_gib"] - df["peak_gib"]) / df["peak_gib"] * 100
+    df["predicted_error_pct"] = (df["predicted_gib"] - measured) / measured * 100
     return report_cost.derive(df)
+
+
+def _first_present(df: pd.DataFrame, *columns: str) -> pd.Series:
+    """Per row, the first of `columns` that the frame has and the row fills (bytes, Float64)."""
+    out = None
+    for column in columns:
+        if column in df.columns:
+            values = df[column].astype("Float64")
+            out = values if out is None else out.fillna(values)
+    return out
 
 
 def approach_label(bits: Any, quant_type: Any) -> str:
@@ -342,8 +356,8 @@ def explain(report: Report, where: str | None) -> list[str]:
     if sources:
         shown = "per cell" if len(sources) > 1 else sources[0]
         notes.append(f"Peak GiB: measured peak memory ({shown}). "
-                     "Predicted: the planner's estimate before the run, with its error "
-                     "(predicted - measured) / measured.")
+                     "Predicted: the planner's estimate of the training peak before the run, with "
+                     "its error against the measured training peak, (predicted - measured) / measured.")
     if "cpu_rss" in sources:
         notes.append("cpu_rss is the whole process's resident memory (Python, torch, data), which the "
                      "planner's GPU-memory prediction does not model: expect a negative error on CPU.")

@@ -113,6 +113,18 @@ RUN_COLUMNS: dict[str, pa.DataType] = {
     "predicted_steps": pa.int32(),
     "time_efficiency": pa.float64(),
     "time_calibration": pa.string(),
+    # the planner's predictions (training and eval peaks as the card sees them, with ranges)
+    "predicted_train_bytes": pa.int64(),
+    "predicted_eval_bytes": pa.int64(),
+    "predicted_train_low_bytes": pa.int64(),
+    "predicted_train_high_bytes": pa.int64(),
+    "predicted_eval_low_bytes": pa.int64(),
+    "predicted_eval_high_bytes": pa.int64(),
+    "predicted_tight": pa.bool_(),
+    "predicted_train_seq": pa.int32(),
+    "predicted_lengths": pa.string(),
+    "model_family": pa.string(),
+    "memory_correction": pa.float64(),
     # evaluation
     "similarity_score": pa.float64(),
     "similarity_score_before": pa.float64(),

@@ -64,13 +64,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ray retries of a task whose worker process or node died (default 2)")
     p.add_argument("--skip-unfit", action="store_true",
                    help="record cells the planner says cannot run as `skipped` rows instead of refusing")
+    p.add_argument("--force", action="store_true",
+                   help="run every cell, even those the planner says cannot run (one that runs out of "
+                        "memory ends as an `oom` row: the measurement the planner could not make)")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="embedded Ray only: CPU slots to offer (default: all cores)")
     p.add_argument("--max-cells", type=int, default=DEFAULT_MAX_CELLS, metavar="N",
                    help=f"refuse a spec that expands to more cells (default {DEFAULT_MAX_CELLS:,})")
-    p.add_argument("--model-configs", action="append", default=[], metavar="DIR",
-                   help="folder with <hub id>/config.json files, so planning needs no network "
-                        "(repeatable; also $QLORA_RAY_MODEL_CONFIGS)")
+    from qlora_ray.planner import add_planning_arguments
+
+    add_planning_arguments(p)
 
 
 @dataclass
@@ -88,7 +91,7 @@ class Cell:
     ref: Any = None
     resources: dict[str, float] = field(default_factory=dict)
     predicted: dict[str, Any] = field(default_factory=dict)
-    """The planner's time and cost columns (planner.TIME_KEYS), copied into the row."""
+    """The planner's memory, time and cost columns, copied into the row."""
 
     @property
     def predicted_seconds(self) -> float:
@@ -101,7 +104,8 @@ def main(args: argparse.Namespace) -> int:
         retry_failed=args.retry_failed, allow_cpu_fallback=args.allow_cpu_fallback,
         unschedulable_timeout=args.unschedulable_timeout, cpus_per_task=args.cpus_per_task,
         max_retries=args.max_retries, skip_unfit=args.skip_unfit, num_cpus=args.num_cpus,
-        model_configs=args.model_configs, max_cells=args.max_cells,
+        model_configs=args.model_configs, max_cells=args.max_cells, force=args.force,
+        worst_case=args.worst_case, corrections=args.corrections,
     )
 
 
@@ -120,6 +124,9 @@ def run_spec(
     num_cpus: int | None = None,
     model_configs: list[str] | None = None,
     max_cells: int = DEFAULT_MAX_CELLS,
+    force: bool = False,
+    worst_case: bool = False,
+    corrections: str | None = None,
     out: Any = None,
 ) -> int:
     """Run a spec; returns the exit code (0 when every cell has an `ok` row)."""
@@ -139,16 +146,23 @@ def run_spec(
         results = os.path.abspath(results)
 
     # Plan first: cells that cannot run as specified stop the run before Ray starts.
-    from qlora_ray.planner import TIME_KEYS, plan_spec
+    from qlora_ray.planner import TIME_KEYS, load_corrections, plan_spec
 
-    plans = plan_spec(spec, model_configs=model_configs or ())
+    plans = plan_spec(spec, model_configs=model_configs or (), worst_case=worst_case,
+                      corrections=load_corrections(corrections))
     unfit = [p for p in plans if p.problems]
-    if unfit and not skip_unfit:
+    if unfit and not skip_unfit and not force:
         print(f"qlora-ray run: {len(unfit)} cell(s) cannot run as specified "
-              "(fix the spec, or pass --skip-unfit to record them as skipped):", file=sys.stderr)
+              "(fix the spec, pass --skip-unfit to record them as skipped, or --force to run them "
+              "anyway):", file=sys.stderr)
         for p in unfit:
             print(f"  - {p.name}: {'; '.join(p.problems)}", file=sys.stderr)
         return 2
+    if unfit and force:
+        print(f"--force: running {len(unfit)} cell(s) the planner says cannot run as specified:",
+              file=out)
+        for p in unfit:
+            print(f"  - {p.name}: {'; '.join(p.problems)}", file=out)
 
     existing = read_run_rows(results, spec.name)
     todo: list[Cell] = []
@@ -157,8 +171,8 @@ def run_spec(
         prev = existing.get(plan.experiment_id)
         attempt = int(prev.get("attempt") or 0) + 1 if prev else 1
         predicted = plan.to_json()
-        predicted = {k: predicted[k] for k in TIME_KEYS}
-        if plan.problems:
+        predicted = {**{k: predicted[k] for k in TIME_KEYS}, **plan.predictions()}
+        if plan.problems and not force:
             row = _driver_row(plan.config, plan.experiment_id, spec.name, "skipped",
                               "; ".join(plan.problems), attempt, plan.predicted_peak_bytes, predicted)
             write_run(results, spec.name, row)

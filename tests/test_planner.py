@@ -51,13 +51,16 @@ def test_every_shipped_spec_plans(path: Path) -> None:
     for plan in plans:
         row = plan.to_json()
         assert set(row) >= JSON_KEYS
-        assert row["predicted_peak_bytes"] > 0
-        assert sum(row["breakdown"].values()) == row["predicted_peak_bytes"]
+        assert row["predicted_peak_bytes"] == max(row["predicted_train_bytes"], row["predicted_eval_bytes"]) > 0
+        assert sum(row["breakdown"].values()) == row["predicted_train_bytes"]
+        assert sum(row["eval_breakdown"].values()) == row["predicted_eval_bytes"]
+        assert row["predicted_low_bytes"] < row["predicted_peak_bytes"] < row["predicted_high_bytes"]
         assert isinstance(row["batch_size"], int) and row["batch_size"] >= 1
         assert row["compute_dtype"] in ("float16", "bfloat16", "float32")
         assert plan.experiment_id == plan.config.experiment_id
+        # Refused only when even the low end of the range is over the card.
         assert plan.fits == (not plan.profile or not plan.profile.is_gpu
-                             or plan.predicted_peak_bytes <= plan.profile.usable_bytes)
+                             or row["predicted_low_bytes"] <= plan.profile.usable_bytes)
     json.dumps([p.to_json() for p in plans])
 
 
@@ -114,7 +117,7 @@ def test_auto_batch_is_the_largest_that_fits_with_margin() -> None:
     spec = spec_of(base={"model": LLAMA31, "train": {"batch_size": "auto", "max_seq_len": 512},
                          "eval": {"batch_size": 1}, "quant": {"compute_dtype": "auto"}},
                    grid={"gpu": ["T4", "L4", "A100-80G"]})
-    plans = {p.gpu: p for p in plan_spec(spec, model_configs=[CONFIGS])}
+    plans = {p.gpu: p for p in plan_spec(spec, model_configs=[CONFIGS], worst_case=True)}
     assert 1 <= plans["T4"].batch_size < plans["L4"].batch_size < plans["A100-80G"].batch_size
     for p in plans.values():
         assert p.config.train.batch_size == "auto"  # the plan keeps the spec'd config
@@ -122,20 +125,21 @@ def test_auto_batch_is_the_largest_that_fits_with_margin() -> None:
         assert p.predicted_peak_bytes <= p.profile.usable_bytes * (1 - AUTO_BATCH_MARGIN)
         one_more = plan_spec(expand({"name": "t", "base": {
             "model": LLAMA31, "gpu": p.gpu, "train": {"batch_size": p.batch_size + 1, "max_seq_len": 512},
-            "eval": {"batch_size": 1}, "quant": {"compute_dtype": "auto"}}}), model_configs=[CONFIGS])[0]
+            "eval": {"batch_size": 1}, "quant": {"compute_dtype": "auto"}}}), model_configs=[CONFIGS],
+            worst_case=True)[0]
         assert one_more.predicted_peak_bytes > p.profile.usable_bytes * (1 - AUTO_BATCH_MARGIN)
 
 
 def test_a_cell_that_does_not_fit_says_what_would(tmp_path: Path) -> None:
     base = {"model": LLAMA31, "gpu": "T4", "train": {"batch_size": 16, "max_seq_len": 1024},
             "eval": {"batch_size": 1}, "quant": {"compute_dtype": "float16"}}
-    (plan,) = plan_spec(spec_of(base=base), model_configs=[CONFIGS])
+    (plan,) = plan_spec(spec_of(base=base), model_configs=[CONFIGS], worst_case=True)
     assert not plan.fits and plan.headroom < 0
     (msg,) = plan.problems
-    assert "does not fit" in msg and "T4" in msg and "train.batch_size" in msg
+    assert "does not fit" in msg and "T4" in msg and "train.batch_size" in msg and "--force" in msg
     # With the opt-in back-off the run can still go ahead: a note, not a problem.
     base["train"]["oom_backoff"] = True
-    (plan,) = plan_spec(spec_of(base=base), model_configs=[CONFIGS])
+    (plan,) = plan_spec(spec_of(base=base), model_configs=[CONFIGS], worst_case=True)
     assert not plan.fits and plan.problems == [] and "oom_backoff" in plan.notes[0]
 
 
@@ -231,3 +235,49 @@ def test_plan_imports_neither_torch_nor_ray(args: list[str]) -> None:
     assert proc.returncode == 0, proc.stderr
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["rc"] == 0 and got["cells"] == 30 and got["heavy"] == []
+
+
+SEED_7B = {"name": "seed-7b", "preset": "seed-per-gpu",
+           "base": {"model": "meta-llama/Llama-2-7b-hf", "quant": {"compute_dtype": "auto"},
+                    "train": {"max_seq_len": 512}},
+           "grid": {"gpu": ["T4", "L4", "A100-40G", "H100"]}}
+
+
+@pytest.mark.parametrize("worst_case", [False, True], ids=["data", "worst-case"])
+def test_the_seed_per_gpu_table_for_a_7b_llama_fits_at_default_eval_settings(worst_case: bool) -> None:
+    """Issue 9: T4 r8/a16 bs1 attention fp16, L4 r16/a32 bs2, A100-40G r32/a64 bs4 attention+MLP,
+    H100 r64/a128 bs8 all linear layers, at max_seq_len 512 and eval.batch_size 16."""
+    plans = {p.gpu: p for p in plan_spec(expand(SEED_7B), model_configs=[CONFIGS], worst_case=worst_case)}
+    t4 = plans["T4"].config
+    assert (t4.lora.r, t4.lora.alpha, t4.train.batch_size, t4.eval.batch_size) == (8, 16, 1, 16)
+    assert plans["T4"].compute_dtype == "float16" and plans["H100"].config.lora.target_modules == "all-linear"
+    for p in plans.values():
+        assert p.fits and not p.problems, (p.gpu, p.problems)
+    if worst_case:
+        # Every prompt at 512 tokens, 16 at a time: the eval's KV cache is fp32 (4-bit layers
+        # return the fp32 residual's dtype), so on a T4 the card is inside the range: it runs.
+        t4_plan = plans["T4"]
+        low, high = t4_plan.estimate.peak_range
+        assert low <= t4_plan.profile.usable_bytes < high and t4_plan.tight
+        assert any(n.startswith("tight:") for n in t4_plan.notes)
+    else:
+        assert not any(p.tight for p in plans.values())
+
+
+def test_data_lengths_size_cells_below_the_worst_case() -> None:
+    spec = expand({**SEED_7B, "grid": {"gpu": ["L4"]}})
+    (data,) = plan_spec(spec, model_configs=[CONFIGS])
+    (worst,) = plan_spec(spec, model_configs=[CONFIGS], worst_case=True)
+    assert data.shape.train_seq < 100 < worst.shape.train_seq == 512
+    assert data.estimate.train_bytes < worst.estimate.train_bytes
+    assert data.estimate.eval_bytes < worst.estimate.eval_bytes
+
+
+def test_plan_json_has_the_training_and_eval_predictions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli_main(["plan", str(ROOT / "experiments" / "gpu_profiles.yaml"), "--json", "--worst-case",
+                     "--model-configs", str(CONFIGS)]) == 0
+    for row in json.loads(capsys.readouterr().out):
+        assert row["predicted_peak_bytes"] == max(row["predicted_train_bytes"], row["predicted_eval_bytes"])
+        assert row["predicted_train_low_bytes"] < row["predicted_train_bytes"] < row["predicted_train_high_bytes"]
+        assert row["train_moment"] in ("loss", "layer") and row["predicted_lengths"] == "worst case"
+        assert row["predicted_train_seq"] == 512 and isinstance(row["tight"], bool)

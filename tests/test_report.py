@@ -407,3 +407,18 @@ def test_the_chromium_check_catches_an_image_that_does_not_load(
 
     assert [img["loaded"] for img in result["images"]] == [False] + [True] * (len(PLOT_FILES) - 1)
     assert any("report-memory.png" in e for e in result["errors"])
+
+
+def test_the_prediction_error_compares_training_with_training(tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 9: a cell whose eval pass is its predicted peak is judged on its training prediction."""
+    spec = write_rows(str(tmp_path / "results"), [
+        row("eval-heavy", peak_memory_bytes=5 * GIB, predicted_train_bytes=int(5.5 * GIB),
+            predicted_eval_bytes=9 * GIB, predicted_peak_bytes=9 * GIB),
+        row("old-row", peak_memory_bytes=5 * GIB, predicted_peak_bytes=6 * GIB),
+    ])
+    code, out, _ = run_report(capsys, spec, "--format", "csv")
+    df = pd.read_csv(StringIO(out)).set_index("name")
+    assert code == 0
+    assert df.loc["eval-heavy", "predicted_error_pct"] == pytest.approx(10.0, abs=0.1)
+    assert df.loc["old-row", "predicted_error_pct"] == pytest.approx(20.0, abs=0.1)

@@ -330,3 +330,25 @@ def test_longest_predicted_cell_starts_first_and_rows_carry_the_prediction(clust
     long, short = df.set_index("name").loc["long"], df.set_index("name").loc["short"]
     assert long.predicted_seconds > short.predicted_seconds
     assert long.time_calibration == "default" and pd.isna(long.predicted_usd)  # CPU: no price
+
+
+def test_force_runs_a_cell_the_planner_refuses(cluster, tmp_path):
+    """Issue 9: a cell planned "does not fit" runs with --force and ends with its own row."""
+    # A T4 that offers 300 MiB: even the low end of the tiny model's range (which counts a
+    # CUDA context) is over it, so the plan refuses the cell.
+    spec = write_spec(tmp_path / "force.yaml", "force", grid={"gpu": ["T4"]},
+                      profiles={"T4": {"total_mib": 300}})
+    results = tmp_path / "results"
+    refused = cluster.qlora_ray("run", str(spec), "--results", str(results), "--address", cluster.address,
+                                "--allow-cpu-fallback")
+    assert refused.returncode == 2 and "--force" in refused.stderr, refused.stdout + refused.stderr
+    assert not (results / "force" / "runs").exists()
+
+    forced = cluster.qlora_ray("run", str(spec), "--results", str(results), "--address", cluster.address,
+                               "--allow-cpu-fallback", "--force")
+    assert forced.returncode == 0, forced.stdout + forced.stderr
+    assert "--force: running 1 cell(s)" in forced.stdout
+    (row,) = read_runs(results, "force").to_dict("records")
+    assert row["status"] == "ok"
+    assert row["predicted_train_low_bytes"] > 300 * 2**20  # it was refused for a reason
+    assert row["predicted_peak_bytes"] == max(row["predicted_train_bytes"], row["predicted_eval_bytes"])
