@@ -344,18 +344,22 @@ class _Model:
 
     # -- training -------------------------------------------------------------------
 
-    def layer_saved(self, seq: int, masked: bool, first: bool = False) -> dict[str, float]:
+    def layer_saved(self, seq: int, masked: bool, first: bool = False,
+                    recomputed: bool = False) -> dict[str, float]:
         """Bytes per token one decoder layer keeps for backward, by part, for rows of `seq`.
 
         `first`: layer 0 without checkpointing, whose input does not require grad (only
         checkpointing calls `enable_input_require_grads`), so its input norm and q/k/v
-        dropout keep nothing. `masked`: the batch carries an attention mask.
+        dropout keep nothing. `masked`: the batch carries an attention mask. `recomputed`:
+        the layer under checkpointing, whose input (kept by checkpointing) is what the input
+        norm keeps when the residual stream is fp32.
         """
         a, cb, rb, mw = self.arch, self.cb, self.rb, self.mw
         h, inter = a.hidden, a.intermediate * a.experts_per_token
         parts: dict[str, float] = {}
         # RMSNorm computes in fp32 and keeps its fp32 input (a copy when rb is 16-bit).
-        parts["norms"] = (1 if first else 2) * (h * 4 + 4)
+        norms = 1 if first or (recomputed and rb == 4) else 2
+        parts["norms"] = norms * h * 4 + 8
         parts["attention"] = self._attention_saved(seq, masked)
         # act(gate) keeps gate; act * up keeps act and up. Phi-3's fused gate_up is the
         # same two tensors in one.
@@ -409,7 +413,7 @@ class _Model:
         masked = shape_masked if shape_masked is not None else bs > 1 or cfg.dataset.packing
         ckpt = cfg.train.gradient_checkpointing
         h, inter, L = a.hidden, a.intermediate * a.experts_per_token, a.layers
-        per_layer = sum(self.layer_saved(seq, masked).values())
+        per_layer = sum(self.layer_saved(seq, masked, recomputed=ckpt).values())
         first = sum(self.layer_saved(seq, masked, first=True).values())
         saved = tokens * (L * h * rb if ckpt else first + (L - 1) * per_layer)
         # Autocast's 16-bit copies of the adapter weights live in its cache until the forward
@@ -431,19 +435,30 @@ class _Model:
         loss = {"activations": saved + tokens * h * 4, "logits": logits * 12,
                 "lora_autocast_copies": kept_copies, "lora_gradients": grads if accumulating else 0,
                 **common}
-        # Layer: a decoder layer's backward (recomputed under checkpointing), the MLP's
-        # gradients in flight (d(act*up), d act, d up), the residual stream's gradient and the
-        # dequantized weight of the matmul running. The first layer backward reaches has
-        # every checkpointed input still alive; the last has every adapter's gradient.
-        transient = tokens * (3 * inter * self.mw + 2 * h * rb + (per_layer if ckpt else 0))
+        # Layer: a decoder layer's backward (recomputed under checkpointing), at whichever is
+        # larger of two instants of its MLP's backward. (a) down_proj's input gradient: its
+        # weight dequantized (4/8-bit), the gradient it makes, the incoming gradient in the
+        # compute dtype and the residual stream's two. (b) act * up's backward: d(act*up),
+        # d act and d up in the MLP's width, and the residual stream's two gradients.
+        # The first layer backward reaches has every checkpointed input still alive; the
+        # last has every adapter's gradient.
+        wide = self.mw if self.bits == 8 else cb  # MatMul8bit* dequantize to the input's dtype
         largest = max(i * o for i, o, _ in a.linears.values())
-        base = {"dequant_buffer": largest * cb if self.bits in (4, 8) else 0,
-                "attention_mask": common["attention_mask"]}
+        dequant = largest * (max(rb, self.mw) if self.bits == 8 else cb) if self.bits in (4, 8) else 0
+        at_down = dequant + tokens * (inter * wide + 2 * h * rb + h * cb)
+        at_mul = tokens * (3 * inter * self.mw + 2 * h * rb)
+        transient = max(at_down, at_mul) + tokens * (per_layer if ckpt else 0)
+        base = {"attention_mask": common["attention_mask"]}
+        # Gradients exist for the layers already done and, in this one, for down_proj's
+        # adapter (its backward runs before the MLP's).
+        down = self.cfg.lora.r * sum(i + o for m, (i, o, _) in a.linears.items()
+                                     if m == "down_proj" and m in self.modules) * 4
         first_bwd = {"activations": transient + saved,
-                     "lora_gradients": grads if accumulating else grads / L,
+                     "lora_gradients": grads if accumulating else down,
                      "lora_autocast_copies": copies / L if ckpt else copies, **base}
         last_bwd = {"activations": transient + tokens * (h * rb if ckpt else first),
-                    "lora_gradients": grads, "lora_autocast_copies": copies / L, **base}
+                    "lora_gradients": grads if accumulating else grads * (L - 1) / L + down,
+                    "lora_autocast_copies": copies / L, **base}
         layer = max(first_bwd, last_bwd, key=lambda d: sum(d.values()))
         return {"forward": _ints(forward), "loss": _ints(loss), "layer": _ints(layer)}
 
