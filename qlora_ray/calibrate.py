@@ -256,5 +256,6 @@ def main(args: argparse.Namespace) -> int:
         print(f"  memory {key:24s} x{v['factor']:.3f} +/- {v['spread']:.1%}  "
               f"({v['ok_rows']} ok, {v['oom_rows']} oom)")
     for key, v in throughput.items():
-        print(f"  time   {key:24s} efficiency {v['efficiency']:.3f} +/- {v['spread']:.1%}  ({v['rows']} rows)")
+        print(f"  time   {key:24s} efficiency {v['efficiency']:.3f} +/- {v['spread']:.1%}  "
+              f"({v['rows']} rows)")
     return 0

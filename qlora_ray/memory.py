@@ -57,8 +57,9 @@ OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_
 # 0-25% of the dynamic peak in training loops. Midpoints predict; the ends make the range.
 CUDA_CONTEXT_BYTES = (300 * MiB, 500 * MiB, 900 * MiB)
 ALLOCATOR_SLACK = (0.0, 0.08, 0.25)
-# The largest error of the tensor terms against the harness sweep (docs/memory.md),
-# rounded up: the range widens the tensor part by this much each way.
+# The bound the estimate holds against the harness sweep (docs/memory.md): the range widens
+# the dynamic part (what a step keeps alive beyond weights and optimizer state) by this
+# much each way.
 HARNESS_ERROR = 0.10
 
 
@@ -219,8 +220,10 @@ def _card(static: dict[str, int], dynamic: dict[str, int], gpu: bool, correction
         parts["allocator_slack"] = round(dyn * mid_slack)
         parts["cuda_context"] = mid_ctx
     if spread is None:
-        low = tensors * (1 - HARNESS_ERROR) + dyn * lo_slack + lo_ctx
-        high = tensors * (1 + HARNESS_ERROR) + dyn * hi_slack + hi_ctx
+        # Weights, adapters and optimizer state are exact arithmetic (the harness matches
+        # them to the byte); the error is in what a step keeps alive.
+        low = tensors - dyn * HARNESS_ERROR + dyn * lo_slack + lo_ctx
+        high = tensors + dyn * HARNESS_ERROR + dyn * hi_slack + hi_ctx
         return parts, (round(low), round(high))
     total = sum(parts.values())
     parts["calibration"] = round(total * (correction - 1))

@@ -489,7 +489,8 @@ def _driver_row(
     row.update(provenance.collect())
     row.update(experiment_id=experiment_id, spec_name=spec_name, status=status, error=error,
                attempt=attempt, predicted_peak_bytes=predicted_peak_bytes, started_at=now,
-               finished_at=now, **(predicted or {}))
+               finished_at=now)
+    row.update(predicted or {})
     return row
 
 
