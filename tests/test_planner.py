@@ -279,5 +279,5 @@ def test_plan_json_has_the_training_and_eval_predictions(capsys: pytest.CaptureF
     for row in json.loads(capsys.readouterr().out):
         assert row["predicted_peak_bytes"] == max(row["predicted_train_bytes"], row["predicted_eval_bytes"])
         assert row["predicted_train_low_bytes"] < row["predicted_train_bytes"] < row["predicted_train_high_bytes"]
-        assert row["train_moment"] in ("loss", "layer") and row["predicted_lengths"] == "worst case"
+        assert row["train_moment"] in ("forward", "loss", "layer") and row["predicted_lengths"] == "worst case"
         assert row["predicted_train_seq"] == 512 and isinstance(row["tight"], bool)
