@@ -425,9 +425,13 @@ class _Model:
         kept_copies = 0 if ckpt else copies
         grads = self.lora_params * 4
         accumulating = cfg.train.grad_accum > 1
+        # With padding: transformers' bool mask, and the float bias SDPA converts it to in
+        # each layer (convert_boolean_attn_mask), kept for backward by every layer, or under
+        # checkpointing by the recomputed one only.
+        square = bs * seq * seq if masked else 0
         common = {
             "lm_head_copy": a.vocab * h * cb if self.ub != cb and self.autocast else 0,
-            "attention_mask": bs * seq * seq * (1 + L * cb) if masked else 0,  # bool mask, float biases
+            "attention_mask": square * (1 + (0 if ckpt else L * cb)),
         }
         logits = tokens * a.vocab
         # Forward's end: the loss inside the forward, with the 16-bit logits, their fp32 copy
@@ -445,13 +449,21 @@ class _Model:
         # d act and d up in the MLP's width, and the residual stream's two gradients.
         # The first layer backward reaches has every checkpointed input still alive; the
         # last has every adapter's gradient.
-        wide = self.mw if self.bits == 8 else cb  # MatMul8bit* dequantize to the input's dtype
+        wide = self.mw if self.bits == 8 else cb
         largest = max(i * o for i, o, _ in a.linears.values())
-        dequant = largest * (max(rb, self.mw) if self.bits == 8 else cb) if self.bits in (4, 8) else 0
+        if self.bits == 4:
+            dequant = largest * cb
+        elif self.bits == 8:
+            # MatMul8bitLt's backward dequantizes the int8 weight to its input's dtype (fp32 for
+            # gate/up, whose input is the fp32 residual); the CPU's MatMul8bitFp does that in
+            # the recomputed forward, where autocast adds a 16-bit copy for F.linear.
+            dequant = largest * (max(rb, self.mw) + (cb if self.cpu and self.autocast else 0))
+        else:
+            dequant = 0
         at_down = dequant + tokens * (inter * wide + 2 * h * rb + h * cb)
         at_mul = tokens * (3 * inter * self.mw + 2 * h * rb)
         transient = max(at_down, at_mul) + tokens * (per_layer if ckpt else 0)
-        base = {"attention_mask": common["attention_mask"]}
+        base = {"attention_mask": square * (1 + (cb if ckpt else L * cb))}
         # Gradients exist for the layers already done and, in this one, for down_proj's
         # adapter (its backward runs before the MLP's).
         down = self.cfg.lora.r * sum(i + o for m, (i, o, _) in a.linears.items()
