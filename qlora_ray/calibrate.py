@@ -82,7 +82,7 @@ class Corrections:
         from qlora_ray.timing import Factors, efficiency_keys
 
         gpu = None if profile is None or not profile.is_gpu else profile.name
-        for key in efficiency_keys(arch.family, gpu):
+        for key in efficiency_keys(arch.family, gpu, cfg.quant.bits):
             if key in self.throughput:
                 return Factors(train_efficiency=float(self.throughput[key]["efficiency"]), source=key)
         return Factors()

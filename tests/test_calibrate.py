@@ -94,3 +94,17 @@ def test_no_gpu_rows_is_said_plainly(tmp_path: Path, capsys: pytest.CaptureFixtu
     folder = write_rows(str(tmp_path / "results"), [gpu_row("cpu", 1.0, 2.0, gpu="cpu", memory_source="cpu_rss")])
     assert cli_main(["calibrate", folder, "-o", str(tmp_path / "c.json")]) == 1
     assert "nothing to learn" in capsys.readouterr().err
+
+
+def test_the_same_file_carries_the_time_efficiency(tmp_path: Path) -> None:
+    """Issue 12's section: rows' tokens/s against their prediction give the efficiency the
+    time estimate then uses for that family and card."""
+    rows = [gpu_row(f"r{i}", 6.0, 6.0, tokens_per_second=900.0, predicted_tokens_per_second=1000.0,
+                    time_efficiency=0.5) for i in range(3)]
+    data = calibrate(tmp_path, rows)
+    assert data["throughput"]["llama/T4/4bit"]["efficiency"] == pytest.approx(0.45, abs=1e-4)
+    spec = expand({"name": "c", "base": {"model": "meta-llama/Llama-2-7b-hf", "gpu": "T4",
+                                         "quant": {"compute_dtype": "float16"}}})
+    (plan,) = plan_spec(spec, model_configs=[CONFIGS], corrections=load(tmp_path / "corrections.json"))
+    assert plan.time is not None and plan.time.efficiency == pytest.approx(0.45, abs=1e-4)
+    assert plan.time.calibration == "llama/T4/4bit"
