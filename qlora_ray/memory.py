@@ -53,10 +53,12 @@ OPTIMIZER_STATE_BYTES = {"adamw_torch": 8, "paged_adamw_32bit": 8, "paged_adamw_
 
 # What the card holds beyond PyTorch's tensors. The CUDA context with its loaded kernels
 # (torch, cuBLAS, bitsandbytes) is 300-600 MiB with CUDA's lazy module loading; the
-# caching allocator reserves more than it hands out (2 MiB segments, fragmentation), by
-# 0-25% of the dynamic peak in training loops. Midpoints predict; the ends make the range.
+# caching allocator reserves more than it hands out (2 MiB segments, fragmentation): a few
+# percent of the dynamic peak in short-sequence loops, and on fms-acceleration's published
+# A100 runs of Mistral-7B at 4,096 tokens (nvidia-smi against max_memory_allocated, minus a
+# context) 25-37%, so the high end reaches 40%. Midpoints predict; the ends make the range.
 CUDA_CONTEXT_BYTES = (300 * MiB, 500 * MiB, 900 * MiB)
-ALLOCATOR_SLACK = (0.0, 0.08, 0.25)
+ALLOCATOR_SLACK = (0.0, 0.08, 0.40)
 # The bound the estimate holds against the harness sweep (docs/memory.md): the range widens
 # the dynamic part (what a step keeps alive beyond weights and optimizer state) by this
 # much each way.
