@@ -35,6 +35,8 @@ AUTO_BATCH_LIMIT = 256
 # `auto` on a cell without a GPU profile has nothing to size against: TrainConfig's default.
 AUTO_BATCH_UNBOUNDED = 4
 GiB = 1024**3
+# `predicted_lengths` of a cell whose data is not a local file (a hub dataset).
+UNKNOWN_LENGTHS = "max_seq_len (data not local)"
 # The time and cost fields of `--json` (and of result rows), null when a cell has no prediction.
 TIME_KEYS = ("predicted_tokens_per_second", "predicted_seconds", "predicted_eval_seconds",
              "predicted_gpu_seconds", "predicted_usd", "usd_per_hour", "predicted_train_tokens",
@@ -227,7 +229,8 @@ def plan_spec(
             archs[key] = architecture(
                 load_model_config(cfg.model.name, cfg.model.revision, model_configs), cfg.model.name)
         lengths = None if worst_case else data_lengths(cfg, search)
-        plan = plan_cell(cfg, archs[key], spec.profiles, lengths=lengths, corrections=corrections)
+        plan = plan_cell(cfg, archs[key], spec.profiles, lengths=lengths, corrections=corrections,
+                         lengths_unknown=lengths is None and not worst_case)
         time, note = plan_time(plan, archs[key], spec.profiles, search, calibration)
         plans.append(dataclasses.replace(plan, time=time, notes=[*plan.notes, *filter(None, [note])]))
     return plans
@@ -261,11 +264,15 @@ def plan_cell(
     *,
     lengths: DataLengths | None = None,
     corrections: Corrections | None = None,
+    lengths_unknown: bool = False,
 ) -> CellPlan:
     """Plan one cell: its batch, predicted peaks with ranges, and whether it may run.
 
     Memory gates only on certainty: a cell is refused when even the low end of its range is
-    above the card. Inside the range it runs and is `tight`.
+    above the card. Inside the range it runs and is `tight`. `lengths_unknown` (the data is
+    not a local file and no worst case was asked for): the prediction is for rows of
+    `max_seq_len`, but nothing says the rows are that long, so the low end is for rows of one
+    token (only what does not depend on the data can refuse the cell).
     """
     profile = get_profile(cfg.gpu, profiles) if cfg.gpu is not None else None
     compute = resolve_compute_dtype(cfg.quant.compute_dtype, profile)
@@ -293,6 +300,12 @@ def plan_cell(
                                   correction=corr.factor if corr else 1.0))
     shape = shape_at(bs)
     est = estimate(arch, cfg, profile, batch_size=bs, shape=shape, **scale)
+    if lengths_unknown:
+        shape = dataclasses.replace(shape, source=UNKNOWN_LENGTHS)
+        floor = estimate(arch, cfg, profile, batch_size=bs, shape=Shape(1, 1, 1, 1, source="one token"),
+                         **scale)
+        est = dataclasses.replace(est, train_range=(floor.train_range[0], est.train_range[1]),
+                                  eval_range=(floor.eval_range[0], est.eval_range[1]))
     problems.extend(est.problems)
     problems.extend(model_problems(cfg, arch))  # an attention kernel or rank the model cannot take
     low, high = est.peak_range
@@ -314,6 +327,10 @@ def plan_cell(
                                 + " (or run it anyway with `run --force`)")
         elif tight:
             notes.append(f"tight: {need}; it may run out of memory, which records an `oom` row")
+        if lengths_unknown and high > limit:
+            notes.append(f"sized for rows of max_seq_len {cfg.train.max_seq_len}: {cfg.dataset.path} is "
+                         "not a local file, so its token lengths are unknown and the range starts at "
+                         "one-token rows")
     return CellPlan(
         config=cfg, experiment_id=cfg.experiment_id, name=cfg.name, gpu=cfg.gpu, profile=profile,
         batch_size=bs, compute_dtype=compute, predicted_peak_bytes=est.peak_bytes,

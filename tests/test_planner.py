@@ -18,6 +18,7 @@ from qlora_ray.grid import expand, load_spec
 from qlora_ray.planner import (
     AUTO_BATCH_MARGIN,
     MODEL_CONFIGS_ENV,
+    UNKNOWN_LENGTHS,
     backoff,
     load_model_config,
     plan_spec,
@@ -262,6 +263,42 @@ def test_the_seed_per_gpu_table_for_a_7b_llama_fits_at_default_eval_settings(wor
         assert any(n.startswith("tight:") for n in t4_plan.notes)
     else:
         assert not any(p.tight for p in plans.values())
+
+
+# The seeds' T4 setup (issue 9's first complaint): Llama-2-7B nf4 + double quantization,
+# float16, r 16 on q/k/v/o, batch 1, checkpointing, default eval settings.
+T4_7B = {"model": "meta-llama/Llama-2-7b-hf", "gpu": "T4",
+         "quant": {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "float16"},
+         "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+         "train": {"batch_size": 1, "gradient_checkpointing": True}}
+
+
+@pytest.mark.parametrize("dataset", ["experiments/data/fin_sentiment.jsonl", "timdettmers/openassistant-guanaco"],
+                         ids=["local", "hub"])
+def test_the_seed_t4_7b_cell_fits_at_512_1024_and_2048_tokens(dataset: str) -> None:
+    spec = expand({"name": "t4", "base": {**T4_7B, "dataset": {"path": dataset}},
+                   "grid": {"train.max_seq_len": [512, 1024, 2048]}})
+    plans = plan_spec(spec, model_configs=[CONFIGS])
+    for p in plans:
+        assert p.fits and not p.problems, (p.name, p.problems)
+    if dataset.startswith("experiments/"):
+        # The shipped rows are short: sized by them, nothing is near the card.
+        assert not any(p.tight for p in plans)
+    else:
+        # A hub dataset's lengths are unknown: sized for max_seq_len-long rows, which at
+        # 2,048 tokens and 16 eval rows would not fit, but nothing says the rows are that
+        # long, so the cell runs (tight) and says why.
+        long = plans[-1]
+        assert long.shape.source == UNKNOWN_LENGTHS and long.tight
+        assert long.estimate.peak_bytes > long.profile.usable_bytes
+        assert any("lengths are unknown" in n for n in long.notes)
+
+
+def test_unknown_lengths_still_refuse_what_the_weights_alone_cannot_hold() -> None:
+    spec = expand({"name": "t4", "base": {**T4_7B, "model": "meta-llama/Llama-2-13b-hf", "quant": {"bits": 16},
+                                          "dataset": {"path": "timdettmers/openassistant-guanaco"}}})
+    (plan,) = plan_spec(spec, model_configs=[CONFIGS])
+    assert not plan.fits and plan.problems  # 26 GB of 16-bit weights on a 15 GiB card
 
 
 def test_data_lengths_size_cells_below_the_worst_case() -> None:
