@@ -31,12 +31,6 @@ LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-llama",)
 
-# (section path, field, default) of every field added after 0.1.0: see experiment_id.
-ADDED_AFTER_0_1_0: tuple[tuple[tuple[str, ...], str, Any], ...] = (
-    (("model",), "use_safetensors", True),
-    (("eval", "similarity"), "revision", None),
-)
-
 # Upper bounds (far above any real run; they stop typos and hostile specs, not research).
 MAX_LORA_RANK = 4096
 MAX_EPOCHS = 1000
@@ -75,11 +69,45 @@ def _raise_if(problems: list[str]) -> None:
         raise ConfigError(problems)
 
 
-def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:
-    """A dataclass field with its help text attached (what the README table shows)."""
+# ---------------------------------------------------------------------------------------
+# Identity: what `experiment_id` hashes. A rerun finds a cell's row by this id, so the id must
+# depend only on what the cell *is*, never on how the spec spells it or on the version:
+#
+# 1. Every value is first converted to its field's declared type (`alpha: 16` and the
+#    default 16 are both the float 16.0; `2e-4` written as a string is the float 0.0002).
+# 2. Only fields that change what is trained or measured count; a field declared with
+#    `identity=False` (the cell's `name`, a label) is left out.
+# 3. A field added after the first release MUST be declared with `since="<version>"`: it is
+#    left out of the hash while it holds its default, so adding it changes no existing id
+#    and an upgrade reruns nothing.
+# 4. Changing a field's default changes the id of every cell that left it out. Only when
+#    the new default trains exactly what the old one did, declare `same_as={new: old}`:
+#    the hash then reads the new value as the old one.
+# tests/golden/experiment_ids.json pins the id of every cell of every shipped spec, so a
+# change that breaks these rules fails a test. Ids written by 0.1.0, which hashed values
+# as spelled, are found again through `legacy_experiment_id`.
+FIRST_RELEASE = "0.1.0"
+
+
+def _f(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    since: str = FIRST_RELEASE,
+    identity: bool = True,
+    same_as: dict[Any, Any] | None = None,
+    **kw: Any,
+) -> Any:
+    """A dataclass field with its help text (the README table) and its identity rule.
+
+    `since`: the release that added the field (see the identity rules above).
+    `identity`: False for fields that change neither what is trained nor what is measured.
+    `same_as`: values the hash reads as another value (rule 4).
+    """
+    metadata = {"help": help, "since": since, "identity": identity, "same_as": same_as or {}}
     if default is dataclasses.MISSING:
-        return field(metadata={"help": help}, **kw)
-    return field(default=default, metadata={"help": help}, **kw)
+        return field(metadata=metadata, **kw)
+    return field(default=default, metadata=metadata, **kw)
 
 
 def _positive(out: list[str], key: str, value: Any, fix: str, *, allow_zero: bool = False) -> None:
@@ -119,11 +147,15 @@ class ModelConfig:
         "Attention kernel: auto (what transformers picks for the architecture: sdpa where the "
         "model supports it, else eager; the row records the kernel used), eager, sdpa or "
         "flash_attention_2.",
+        # 0.1.0's default was sdpa; for every model 0.1.0 could train, auto runs sdpa (Gemma-2,
+        # where auto means eager, never ran with sdpa), so finished cells keep their ids.
+        same_as={"auto": "sdpa"},
     )
     use_safetensors: bool = _f(
         True,
         "Load the model's (and a fixed embedder's) weights only from .safetensors files, never "
         "unpickled; false lets transformers fall back to a repo's PyTorch .bin files.",
+        since="0.2.0",
     )
 
     def problems(self) -> list[str]:
@@ -356,6 +388,7 @@ class SimilarityConfig:
         None,
         "Hub revision (commit, tag or branch) of a fixed embedder: pin a commit so scores stay "
         "comparable over time. The commit used is recorded in the row (`embedder_revision`).",
+        since="0.2.0",
     )
 
     def problems(self) -> list[str]:
@@ -413,7 +446,8 @@ class ExperimentConfig:
 
     section: ClassVar[str] = ""
 
-    name: str = _f("experiment", "Human name, made from the axis values; safe as a file name.")
+    name: str = _f("experiment", "Human name, made from the axis values; safe as a file name.",
+                   identity=False)
     model: ModelConfig = _f(default_factory=ModelConfig, help="Base model.")
     dataset: DatasetConfig = _f(default_factory=DatasetConfig, help="Training and eval data.")
     quant: QuantConfig = _f(default_factory=QuantConfig, help="Quantization of the base model.")
@@ -449,24 +483,8 @@ class ExperimentConfig:
 
     @property
     def experiment_id(self) -> str:
-        """Deterministic hash of the resolved recipe (the name is not part of it)."""
-        payload = to_dict(self)
-        payload.pop("name")
-        # `auto` became the attention default after 0.1.0, whose default was `sdpa`: for
-        # every model 0.1.0 could train, auto runs sdpa, so both are one identity and
-        # finished cells keep their ids (Gemma-2, where auto means eager, never ran with sdpa).
-        if payload["model"]["attn_implementation"] == "auto":
-            payload["model"]["attn_implementation"] = "sdpa"
-        # Fields added after 0.1.0 count only when they differ from their default, so adding
-        # them changed no id (finished cells are not rerun after an upgrade).
-        for section, key, default in ADDED_AFTER_0_1_0:
-            node = payload
-            for part in section:
-                node = node[part]
-            if node.get(key) == default:
-                node.pop(key)
-        text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
+        """12 hex digits of the sha256 of `canonical(self)`: see the identity rules above."""
+        return _hash(canonical(self))
 
     def replace(self, **dotted: Any) -> ExperimentConfig:
         """A copy with dotted keys overridden, validated again: `cfg.replace(**{"train.batch_size": 2})`."""
@@ -483,6 +501,81 @@ class ExperimentConfig:
 def to_dict(cfg: Any) -> dict[str, Any]:
     """Plain JSON-able dict (tuples become lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def canonical(cfg: Any) -> dict[str, Any]:
+    """The part of a config that is its identity, each value in its declared type (JSON-able)."""
+    hints = _hints(type(cfg))
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cfg):
+        if not f.metadata.get("identity", True):
+            continue
+        value = getattr(cfg, f.name)
+        if _is_dataclass_type(hints[f.name]):
+            out[f.name] = canonical(value)
+            continue
+        value = _as_declared(value, hints[f.name], f)
+        if f.metadata.get("since", FIRST_RELEASE) != FIRST_RELEASE and value == _as_declared(
+            _default(f), hints[f.name], f
+        ):
+            continue  # added later and at its default: the cell is what it was before
+        out[f.name] = value
+    return out
+
+
+def legacy_experiment_id(cfg: ExperimentConfig) -> str | None:
+    """The id qlora-ray 0.1.0 gave this cell, or None if 0.1.0 could not have run it.
+
+    0.1.0 hashed every field but `name` with each value as spelled (`alpha: 16` written out
+    was 16.0, left out it was the integer default 16), so the same cell written two ways had
+    two ids. This is used only to find rows 0.1.0 wrote; `run` moves them to their new ids.
+    """
+    payload = to_dict(cfg)
+    payload.pop("name")
+    if not _as_first_release(cfg, payload):
+        return None
+    return _hash(payload)
+
+
+def _as_first_release(cfg: Any, payload: dict[str, Any]) -> bool:
+    """Make `payload` what 0.1.0 hashed: later fields dropped, changed defaults put back.
+
+    False if a later field holds a non-default value (0.1.0 could not have run the cell).
+    """
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.metadata.get("since", FIRST_RELEASE) != FIRST_RELEASE:
+            if value != _default(f):
+                return False
+            payload.pop(f.name, None)
+        elif dataclasses.is_dataclass(value):
+            if not _as_first_release(value, payload[f.name]):
+                return False
+        elif f.name in payload and isinstance(payload[f.name], (str, int, float, bool)):
+            payload[f.name] = (f.metadata.get("same_as") or {}).get(payload[f.name], payload[f.name])
+    return True
+
+
+def _hash(payload: dict[str, Any]) -> str:
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _default(f: dataclasses.Field[Any]) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory()  # type: ignore[misc]
+
+
+def _as_declared(value: Any, tp: Any, f: dataclasses.Field[Any]) -> Any:
+    """`value` converted to the declared type `tp` (tuples as lists, for JSON), aliases resolved."""
+    ok, coerced = _check_type(value, tp)
+    if not ok:  # only a config built in Python, bypassing from_dict, can hold such a value
+        coerced = value
+    if isinstance(coerced, tuple):
+        return list(coerced)
+    same_as = f.metadata.get("same_as") or {}
+    return same_as.get(coerced, coerced) if isinstance(coerced, (str, int, float, bool)) else coerced
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -663,7 +756,7 @@ def describe_fields(cls: type = ExperimentConfig, prefix: str = "") -> list[tupl
         if _is_dataclass_type(tp):
             rows.extend(describe_fields(tp, f"{prefix}{f.name}."))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = _default(f)
         if isinstance(default, tuple):
             default = list(default)
         rows.append((f"{prefix}{f.name}", json.dumps(default), f.metadata.get("help", "")))
