@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import secrets
 import signal
 import sys
 import time
@@ -31,7 +32,8 @@ from typing import Any
 
 from qlora_ray.config import ExperimentConfig, flatten, to_dict
 from qlora_ray.grid import DEFAULT_MAX_CELLS, Spec, load_spec
-from qlora_ray.results import empty_row, read_run_rows, write_run, write_samples
+from qlora_ray.results import empty_row, redact
+from qlora_ray.resume import RowWriter, check_writable, existing_rows
 
 RETRYABLE = ("oom", "failed", "unschedulable")
 DEFAULT_UNSCHEDULABLE_TIMEOUT = 600.0
@@ -163,8 +165,11 @@ def run_spec(
               file=out)
         for p in unfit:
             print(f"  - {p.name}: {'; '.join(p.problems)}", file=out)
+    check_writable(results, spec.name)  # an unwritable folder or a full disk fails here, not per row
+    shown = redact(results).rstrip("/")  # never print a URI's credentials
 
-    existing = read_run_rows(results, spec.name)
+    existing = existing_rows(results, spec.name, plans, out)
+    writer = RowWriter(results, spec.name, out)
     todo: list[Cell] = []
     kept: dict[str, dict[str, Any]] = {}
     for plan in plans:
@@ -172,14 +177,15 @@ def run_spec(
         attempt = int(prev.get("attempt") or 0) + 1 if prev else 1
         predicted = plan.to_json()
         predicted = {**{k: predicted[k] for k in TIME_KEYS}, **plan.predictions()}
+        # ok rows are always kept; oom / failed / unschedulable ones unless --retry-failed.
+        if prev and (prev["status"] == "ok" or (prev["status"] in RETRYABLE and not retry_failed)):
+            kept[plan.experiment_id] = prev
+            continue
         if plan.problems and not force:
             row = _driver_row(plan.config, plan.experiment_id, spec.name, "skipped",
                               "; ".join(plan.problems), attempt, plan.predicted_peak_bytes, predicted)
-            write_run(results, spec.name, row)
+            writer.write(row)
             kept[plan.experiment_id] = row
-            continue
-        if prev and (prev["status"] == "ok" or (prev["status"] in RETRYABLE and not retry_failed)):
-            kept[plan.experiment_id] = prev
             continue
         todo.append(Cell(plan.config, plan.experiment_id, plan.batch_size, plan.predicted_peak_bytes,
                          plan.profile, attempt, predicted=predicted))
@@ -188,28 +194,47 @@ def run_spec(
     # among equals; cells without a prediction go last).
     todo.sort(key=lambda c: -c.predicted_seconds)
     print(f"{spec.name}: {len(plans)} cells, {len(kept)} already have a row, {len(todo)} to run "
-          f"-> {results.rstrip('/')}/{spec.name}/runs/", file=out)
+          f"-> {shown}/{spec.name}/runs/", file=out)
 
     rows = dict(kept)
     interrupted = False
     if todo:
         new_rows, interrupted = _run_cells(
-            spec, todo, results=results, address=address, max_parallel=max_parallel,
+            spec, todo, writer, results=results, address=address, max_parallel=max_parallel,
             allow_cpu_fallback=allow_cpu_fallback, unschedulable_timeout=unschedulable_timeout,
             cpus_per_task=cpus_per_task, max_retries=max_retries, num_cpus=num_cpus, cwd=cwd, out=out,
         )
         rows.update(new_rows)
+    _flush(writer, out)
     ordered = [rows[p.experiment_id] for p in plans if p.experiment_id in rows]
     print_summary(ordered, out)
-    print(f"results: {results.rstrip('/')}/{spec.name}/runs/  (pandas.read_parquet reads the folder)",
-          file=out)
+    print(f"results: {shown}/{spec.name}/runs/  (pandas.read_parquet reads the folder)", file=out)
     missing = len(plans) - len(ordered)
     if missing:
         print(f"interrupted: {missing} cell(s) have no row yet; rerun the same command to resume",
               file=out)
+    if writer.unwritten:
+        print(f"NOT WRITTEN: {len(writer.unwritten)} finished cell(s) could not be written to {shown} "
+              "(their results are above); fix the cause and rerun the same command: those cells run "
+              "again", file=out)
+        for row, _, error in writer.unwritten.values():
+            print(f"  {row['name']}: {row['status']}: {error}", file=out)
+        return 1
     if interrupted:
         return 130  # the shell's convention for "stopped by Ctrl-C"
     return 0 if not missing and all(r["status"] == "ok" for r in ordered) else 1
+
+
+FLUSH_TRIES = (1.0, 2.0, 4.0, 8.0)
+"""Seconds between the last tries to write rows that failed to write (a disk being freed)."""
+
+
+def _flush(writer: RowWriter, out: Any) -> None:
+    for pause in FLUSH_TRIES:
+        if not writer.unwritten:
+            return
+        time.sleep(pause)
+        writer.retry()
 
 
 # --------------------------------------------------------------------------- Ray side
@@ -257,10 +282,11 @@ def _remote_functions(max_retries: int) -> tuple[Any, Any, Any]:
     return gpu_task, cpu_task, tracker
 
 
-def _connect(address: str | None, num_cpus: int | None) -> bool:
+def _connect(address: str | None, num_cpus: int | None) -> dict[str, str | None] | None:
     """Join a cluster (--address, $RAY_ADDRESS, or the job's own) or start an embedded one.
 
-    Returns True when the cluster is embedded (started here, so it cannot grow).
+    Returns None when joining a cluster, else what `_private_token` changed in the
+    environment (to restore after shutdown): the cluster is embedded and cannot grow.
     """
     import ray
 
@@ -270,9 +296,55 @@ def _connect(address: str | None, num_cpus: int | None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
-        return False
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
-    return True
+        return None
+    saved = _private_token()
+    try:
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=True)
+    except BaseException:
+        _restore(saved)
+        raise
+    return saved
+
+
+AUTH_VARIABLES = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _private_token() -> dict[str, str | None]:
+    """Token authentication for the embedded Ray, with a token that never touches the disk.
+
+    Left to itself, `ray.init()` turns token auth on only from Ray 2.59 and then saves its
+    token to ~/.ray/auth_token, readable by everyone (default umask), where every later
+    `ray start --head` finds it and turns token auth on, so the user's next plain
+    `ray job submit` fails. Instead: token mode for every Ray we allow (>= 2.52, where token
+    auth exists), and a fresh token in RAY_AUTH_TOKEN, which Ray reads before any file and
+    which only the processes this driver starts inherit (/proc/PID/environ is readable by
+    their owner alone). Ray's gRPC servers listen on all interfaces whatever the node IP
+    (Ray has no setting for it), so the token is what keeps the embedded cluster private.
+    """
+    saved = {k: os.environ.get(k) for k in AUTH_VARIABLES}
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    _reload_ray_auth()
+    return saved
+
+
+def _restore(saved: dict[str, str | None]) -> None:
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _reload_ray_auth()
+
+
+def _reload_ray_auth() -> None:
+    # Ray reads RAY_AUTH_MODE into its config and caches the token when ray is imported;
+    # re-read both, as Ray's own ray/_private/authentication/authentication_token_setup.py
+    # (_enable_token_auth, Ray 2.60) does after changing the mode. Both exist since 2.52.
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def _requirement(cell: Cell, cpus_per_task: int) -> dict[str, float]:
@@ -295,6 +367,7 @@ def _feasible(req: dict[str, float], nodes: list[dict[str, Any]]) -> bool:
 def _run_cells(
     spec: Spec,
     todo: list[Cell],
+    writer: RowWriter,
     *,
     results: str,
     address: str | None,
@@ -314,7 +387,7 @@ def _run_cells(
     embedded = _connect(address, num_cpus)
     from qlora_ray.cluster import NodeWaits
 
-    waits = NodeWaits(unschedulable_timeout, DEFAULT_UNSCHEDULABLE_TIMEOUT, embedded=embedded)
+    waits = NodeWaits(unschedulable_timeout, DEFAULT_UNSCHEDULABLE_TIMEOUT, embedded=embedded is not None)
     gpu_task, cpu_task, tracker_cls = _remote_functions(max_retries)
     tracker = tracker_cls.remote()
     rows: dict[str, dict[str, Any]] = {}
@@ -343,11 +416,12 @@ def _run_cells(
                 cell = running.pop(ref)
                 row, samples = _collect(ref, cell, spec)
                 row.update(cell.predicted)
-                _write(results, spec.name, row, samples)
+                writer.write(row, samples)
                 rows[cell.experiment_id] = row
                 progress.finished(row)
+            writer.retry()
 
-            _expire_unschedulable(running, rows, spec, results, waits, progress)
+            _expire_unschedulable(running, rows, spec, writer, waits, progress)
             started = _safe_get(tracker.snapshot.remote()) or {}
             progress.show(running=sum(1 for c in running.values() if c.experiment_id in started),
                           queued=len(pending) + sum(1 for c in running.values()
@@ -360,8 +434,9 @@ def _run_cells(
               f"{len(rows)} row(s) written this run stay valid", file=out)
     finally:
         signal.signal(signal.SIGTERM, previous_sigterm)
-        if embedded:
+        if embedded is not None:
             ray.shutdown()
+            _restore(embedded)
     return rows, interrupted
 
 
@@ -423,7 +498,7 @@ def _expire_unschedulable(
     running: dict[Any, Cell],
     rows: dict[str, dict[str, Any]],
     spec: Spec,
-    results: str,
+    writer: RowWriter,
     waits: Any,
     progress: _Progress,
 ) -> None:
@@ -451,14 +526,14 @@ def _expire_unschedulable(
         if view.coming_for(cell.resources):
             cell.waiting_since = now  # the clock starts once nothing is coming for it
             continue
-        if now - (cell.waiting_since or now) < limit:
-            continue
+        if now - (cell.waiting_since or now) < limit or ray.wait([cell.ref], timeout=0)[0]:
+            continue  # still within its wait, or it finished (its row is collected next round)
         ray.cancel(cell.ref, force=True)
         running.pop(cell.ref)
         error = unschedulable_reason(view, cell.resources, cell.config.gpu, limit)
         row = _driver_row(cell.config, cell.experiment_id, spec.name, "unschedulable", error,
                           cell.attempt, cell.predicted_peak_bytes, cell.predicted)
-        write_run(results, spec.name, row)
+        writer.write(row)
         rows[cell.experiment_id] = row
         progress.finished(row)
 
@@ -492,12 +567,6 @@ def _driver_row(
                finished_at=now)
     row.update(predicted or {})
     return row
-
-
-def _write(results: str, spec_name: str, row: dict[str, Any], samples: list[dict[str, Any]]) -> None:
-    # Samples first: once the run row exists the experiment counts as done on resume.
-    write_samples(results, spec_name, row["experiment_id"], samples)
-    write_run(results, spec_name, row)
 
 
 class _Progress:

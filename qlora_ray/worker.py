@@ -263,7 +263,7 @@ def save_adapter(model: Any, results: str, spec_name: str, experiment_id: str) -
     """
     import pyarrow.fs as pafs
 
-    from qlora_ray.results import resolve
+    from qlora_ray.results import redact, resolve
 
     fs, base = resolve(results)
     parent = f"{base}/{spec_name}/adapters"
@@ -275,7 +275,8 @@ def save_adapter(model: Any, results: str, spec_name: str, experiment_id: str) -
         model.save_pretrained(tmp)
         fs.create_dir(dest, recursive=True)
         pafs.copy_files(tmp, dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
-    return f"{results.rstrip('/')}/{spec_name}/adapters/{experiment_id}"
+    # A URI's credentials stay out of the row: it records where, not with which keys.
+    return f"{redact(results).rstrip('/')}/{spec_name}/adapters/{experiment_id}"
 
 
 def _save_adapter_locally(model: Any, parent: str, dest: str) -> None:

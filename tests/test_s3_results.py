@@ -205,3 +205,68 @@ def test_report_reads_an_s3_results_folder(s3_env: str, request: pytest.FixtureR
     assert code == 0, out.getvalue()
     assert "qlora-r8-bs2-L4" in out.getvalue()
     assert (tmp_path / "report" / "report.html").is_file()
+
+
+def test_a_missing_bucket_is_refused_before_anything_starts(
+    s3_env: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from qlora_ray.config import ConfigError
+    from qlora_ray.scheduler import run_spec
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("QLORA_RAY_MODEL_CONFIGS", str(FIXTURE_CONFIGS))
+    spec = tmp_path / "too-big.yaml"  # every cell skipped: nothing would start Ray even without the check
+    spec.write_text("name: too-big\nbase: {model: huggyllama/llama-65b, train: {batch_size: 1},\n"
+                    "  dataset: {path: experiments/data/fin_sentiment.jsonl}}\ngrid: {gpu: [T4]}\n")
+    with pytest.raises(ConfigError) as e:
+        run_spec(str(spec), results="s3://no-such-bucket/qlora-ray", skip_unfit=True)
+    message = str(e.value)
+    assert "`--results`" in message and "s3://no-such-bucket/qlora-ray" in message
+    assert "cannot be written" in message and "bucket exists" in message
+
+
+CANARY_KEY, CANARY_SECRET = "AKIACANARYKEY0000000", "canary/Secret+0123456789abcdefABCDEF"
+
+
+def test_credentials_in_the_results_uri_never_reach_the_output_or_the_rows(
+    endpoint: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    # pyarrow takes S3 keys from the URI's user info; moto accepts any keys.
+    import urllib.parse
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qlora_ray.scheduler import run_spec
+    from qlora_ray.worker import save_adapter
+
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("QLORA_RAY_MODEL_CONFIGS", str(FIXTURE_CONFIGS))
+    secret = urllib.parse.quote(CANARY_SECRET, safe="")
+    root = (f"s3://{CANARY_KEY}:{secret}@{BUCKET}/{request.node.name}"
+            f"?endpoint_override={endpoint}&scheme=http&region=us-east-1")
+    spec = tmp_path / "too-big.yaml"
+    spec.write_text("name: too-big\nbase: {model: huggyllama/llama-65b, train: {batch_size: 1},\n"
+                    "  dataset: {path: experiments/data/fin_sentiment.jsonl}}\ngrid: {gpu: [T4]}\n")
+    out = io.StringIO()
+    with redirect_stdout(out):
+        assert run_spec(str(spec), results=root, skip_unfit=True, out=out) == 1
+    shown = f"s3://{BUCKET}/{request.node.name}?endpoint_override="
+    assert shown in out.getvalue()
+    # An adapter saved by a worker records where it went, not with which keys.
+    torch.manual_seed(0)
+    model = get_peft_model(LlamaForCausalLM(LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2)), LoraConfig(r=2, target_modules=["q_proj"]))
+    adapter_path = save_adapter(model, root, "too-big", "0123456789ab")
+    assert adapter_path.startswith(shown) and "/too-big/adapters/0123456789ab" in adapter_path
+
+    written = [*_keys(_fs(endpoint), f"{BUCKET}/{request.node.name}")]
+    assert any(k.startswith("too-big/adapters/0123456789ab/") for k in written)
+    rows = pd.read_parquet(f"{BUCKET}/{request.node.name}/too-big/runs", filesystem=_fs(endpoint))
+    assert list(rows.status) == ["skipped"]
+    for text in [out.getvalue(), adapter_path, *(str(v) for v in rows.to_numpy().ravel())]:
+        for canary in (CANARY_KEY, CANARY_SECRET, secret):
+            assert canary not in text
