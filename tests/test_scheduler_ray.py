@@ -7,8 +7,10 @@ node offering 1 GPU tagged L4. No CUDA exists here, so GPU cells run with
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import re
 import signal
 import subprocess
@@ -16,6 +18,8 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import psutil
+import pyarrow.parquet as pq
 import pytest
 import yaml
 from ray_cluster import BIN, LocalCluster
@@ -112,36 +116,115 @@ def test_gpu_cell_without_cuda_is_a_failed_row_by_default(cluster, tmp_path):
     assert "torch sees no CUDA device" in row.error and "--allow-cpu-fallback" in row.error
 
 
-def test_killed_driver_then_rerun_gives_one_row_per_experiment(cluster, tmp_path):
-    spec = write_spec(tmp_path / "resume.yaml", "resume", grid={"lora.r": [2, 4, 8, 16]})
+# Where the driver is SIGKILLed (tests/kill_driver.py): kind, and which write of a run it hits.
+# The two `skipped` rows (cells the planner refuses, --skip-unfit) are written first, before
+# Ray starts; the trained cells' rows follow, one at a time (--max-parallel 1).
+SKIPPED_FIRST, TRAINED_FIRST = 1, 3
+KILL_POINTS = [
+    ("run-half", SKIPPED_FIRST + 1),   # half of the second skipped row's bytes on disk
+    ("run-staged", SKIPPED_FIRST),     # a skipped row complete in .staging, not renamed
+    ("samples-moved", 1),              # a trained cell's samples in place, its row not yet
+    ("run-half", TRAINED_FIRST),       # half of a trained cell's row on disk
+    ("time", None),                    # anywhere: a seeded moment of the run
+    ("run-moved", TRAINED_FIRST),      # a trained row renamed into place, nothing after it
+]
+
+
+def _kill_schedule(seed: int) -> list[tuple[str, float]]:
+    rng = random.Random(seed)
+    points = KILL_POINTS[:]
+    rng.shuffle(points)
+    # A trained row that lands (run-moved) last, so every earlier point still has a cell to hit.
+    points.sort(key=lambda p: p[0] == "run-moved")
+    return [(kind, n if n is not None else round(rng.uniform(2.0, 12.0), 1)) for kind, n in points]
+
+
+def _readable_rows(runs: Path) -> dict[str, tuple[int, object]]:
+    """Every file in runs/: readable, named after its row. name -> (mtime, started_at) of ok rows."""
+    ok = {}
+    for path in runs.glob("*"):
+        table = pq.read_table(path)  # raises if any visible file is partial
+        row = table.to_pylist()[0]
+        assert table.num_rows == 1 and row["experiment_id"] == path.stem, path
+        if row["status"] == "ok":
+            ok[path.name] = (path.stat().st_mtime_ns, row["started_at"])
+    return ok
+
+
+@pytest.mark.parametrize("seed", [15])
+def test_driver_sigkilled_at_seeded_points_then_rerun_keeps_one_row_per_cell(cluster, tmp_path, seed):
+    spec = write_spec(tmp_path / "kill.yaml", "kill", runs=[
+        {"name": "a", "lora.r": 2}, {"name": "b", "lora.r": 4},
+        # bf16 on a T4: refused by the planner, so --skip-unfit makes the driver write these.
+        {"name": "u1", "gpu": "T4", "quant.compute_dtype": "bfloat16", "lora.r": 8},
+        {"name": "u2", "gpu": "T4", "quant.compute_dtype": "bfloat16", "lora.r": 16}])
     results = tmp_path / "results"
-    runs = results / "resume" / "runs"
-    args = [str(BIN / "qlora-ray"), "run", str(spec), "--results", str(results),
-            "--address", cluster.address, "--max-parallel", "1"]
-    driver = subprocess.Popen(args, env=cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    runs = results / "kill" / "runs"
+    args = ["run", str(spec), "--results", str(results), "--address", cluster.address, "--max-parallel", "1",
+            "--skip-unfit"]
+    kept: dict[str, tuple[int, object]] = {}
+    for kind, where in _kill_schedule(seed):
+        if kind == "time":
+            driver = subprocess.Popen([str(BIN / "qlora-ray"), *args], env=cluster.env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            time.sleep(where)
+            driver.send_signal(signal.SIGKILL)
+            driver.wait()
+        else:
+            driver = subprocess.run([str(BIN / "python"), str(ROOT / "tests" / "kill_driver.py"), kind,
+                                     str(where), "--", *args], env=cluster.env, capture_output=True,
+                                    text=True, timeout=600)
+        assert driver.returncode == -signal.SIGKILL, (kind, where, driver.returncode)
+        ok = _readable_rows(runs) if runs.exists() else {}
+        assert all(ok[name] == seen for name, seen in kept.items()), f"an ok row was rewritten ({kind})"
+        kept = ok
+
+    final = cluster.qlora_ray(*args)
+    assert final.returncode == 1, final.stdout + final.stderr  # the skipped cells are not ok
+    assert f"4 cells, {2 + len(kept)} already have a row, {2 - len(kept)} to run" in final.stdout, final.stdout
+    df = read_runs(results, "kill").set_index("name")
+    assert sorted(df.index) == ["a", "b", "u1", "u2"]  # exactly one row per cell
+    assert df["experiment_id"].is_unique
+    assert sorted(df.status) == ["ok", "ok", "skipped", "skipped"]
+    assert all(_readable_rows(runs)[name] == seen for name, seen in kept.items())  # not trained again
+    samples = pd.read_parquet(results / "kill" / "samples")
+    assert set(samples.experiment_id) == set(df[df.status == "ok"].experiment_id)
+    assert sorted(p.stem for p in (results / "kill" / "samples").glob("*")) == sorted(set(samples.experiment_id))
+
+
+def test_a_full_disk_mid_grid_keeps_the_row_and_writes_it_when_there_is_room(cluster, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
     try:
+        spec = write_spec(tmp_path / "full.yaml", "full", runs=[{"name": "cell", "train.max_steps": 20}])
+        log = tmp_path / "driver.log"
+        with log.open("w") as out:
+            driver = subprocess.Popen([str(BIN / "qlora-ray"), "run", str(spec), "--results", str(disk / "r"),
+                                       "--address", cluster.address], env=cluster.env, stdout=out,
+                                      stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and len(list(runs.glob("*.parquet"))) < 1:
-            time.sleep(0.2)
-        assert list(runs.glob("*.parquet")), "no row appeared before the deadline"
+        while time.monotonic() < deadline and not subprocess.run(
+                ["pgrep", "-f", "ray::qlora-ray:cell"], capture_output=True).stdout:
+            time.sleep(0.3)
+        # The probe passed; now the disk fills up while the cell trains.
+        filler = disk / "filler"
+        with contextlib.suppress(OSError), filler.open("wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+        while time.monotonic() < deadline and "could not write the row of cell" not in log.read_text():
+            time.sleep(0.3)
+        assert "No space left on device" in log.read_text(), log.read_text()
+        filler.unlink()  # someone frees space
+        assert driver.wait(timeout=300) == 0, log.read_text()
+        assert "wrote the row of cell on a later try" in log.read_text()
+        df = pd.read_parquet(disk / "r" / "full" / "runs")
+        assert list(df.status) == ["ok"]
+        assert len(pd.read_parquet(disk / "r" / "full" / "samples")) > 0
     finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
-    first = {p.name: p.stat().st_mtime_ns for p in runs.glob("*.parquet")}
-    assert 1 <= len(first) < 4
-
-    proc = cluster.qlora_ray("run", str(spec), "--results", str(results), "--address", cluster.address)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    df = read_runs(results, "resume")
-    assert len(df) == 4 and df["experiment_id"].is_unique and (df.status == "ok").all()
-    # finished experiments were not run again: same files, first attempt
-    assert all(runs.joinpath(name).stat().st_mtime_ns == mtime for name, mtime in first.items())
-    assert (df.attempt == 1).all()
-    assert f"{len(first)} already have a row" in proc.stdout
-
-    # and a third run does nothing at all
-    again = cluster.qlora_ray("run", str(spec), "--results", str(results), "--address", cluster.address)
-    assert again.returncode == 0 and "0 to run" in again.stdout
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_a_worker_process_that_dies_is_retried(cluster, tmp_path):
@@ -183,32 +266,6 @@ def test_ctrl_c_stops_cleanly_and_keeps_written_rows(cluster, tmp_path):
     assert "rerun the same command to resume" in output
     df = read_runs(results, "sigint")  # what was written is whole and readable
     assert 1 <= len(df) < 3 and (df.status == "ok").all()
-
-
-def test_ray_job_submit_runs_the_quickstart(cluster, tmp_path):
-    results = tmp_path / "job-results"
-    proc = subprocess.run(
-        [str(BIN / "ray"), "job", "submit", "--address", cluster.dashboard, "--working-dir", str(ROOT),
-         "--", "qlora-ray", "run", "experiments/quickstart.yaml", "--results", str(results)],
-        env=cluster.env, capture_output=True, text=True, timeout=900,
-    )
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "succeeded" in proc.stdout.lower()
-    spec = yaml.safe_load((ROOT / "experiments/quickstart.yaml").read_text())
-    from qlora_ray.grid import expand
-
-    expected = len(expand(spec).cells)
-    df = pd.read_parquet(results / spec["name"] / "runs")
-    assert len(df) == expected and (df.status == "ok").all()
-    assert str(df["status"].dtype) in ("object", "str", "string")
-    assert df["peak_memory_bytes"].dtype == "int64"
-    assert str(df["started_at"].dtype).startswith("datetime64") and df["started_at"].dt.tz is not None
-    assert df["ray_node_id"].notna().all()
-    assert os.path.isdir(results / spec["name"] / "samples")
-    # The planner counted the very tokens and steps the Trainer saw, and said how long.
-    assert (df["predicted_train_tokens"] == df["train_tokens"]).all()
-    assert (df["predicted_steps"] == df["train_steps"]).all()
-    assert (df["predicted_seconds"] > 0).all() and (df["predicted_gpu_seconds"] > df["predicted_seconds"]).all()
 
 
 def test_on_a_cluster_that_cannot_grow_a_missing_gpu_type_is_unschedulable_at_once(cluster, tmp_path):
@@ -352,3 +409,65 @@ def test_force_runs_a_cell_the_planner_refuses(cluster, tmp_path):
     assert row["status"] == "ok"
     assert row["predicted_train_low_bytes"] > 300 * 2**20  # it was refused for a reason
     assert row["predicted_peak_bytes"] == max(row["predicted_train_bytes"], row["predicted_eval_bytes"])
+
+
+# Last: it leaves two dead nodes in the cluster's node table.
+def test_a_gpu_node_stopped_mid_grid_its_cells_move_or_end_unschedulable(cluster, tmp_path):
+    # Two nodes with an A10G each (logical GPUs), one stopped while its cell trains.
+    for tag in ("nodeX", "nodeY"):
+        cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:A10G": 1, tag: 1})
+    spec = write_spec(tmp_path / "node.yaml", "node", runs=[
+        {"name": "long1", "train.max_steps": 40}, {"name": "long2", "train.max_steps": 40}],
+        grid={"gpu": ["A10G"]})
+    results = tmp_path / "results"
+    args = ["run", str(spec), "--results", str(results), "--address", cluster.address, "--allow-cpu-fallback",
+            "--unschedulable-timeout", "8"]
+    driver = subprocess.Popen([str(BIN / "qlora-ray"), *args], env=cluster.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    raylet_x = _raylet_of("nodeX")
+    victim = None
+    deadline = time.monotonic() + 240
+    while victim is None and time.monotonic() < deadline:
+        tasks = [p for p in psutil.Process(raylet_x.pid).children(recursive=True)
+                 if "ray::qlora-ray:" in " ".join(p.cmdline())]
+        victim = tasks[0] if tasks else None
+        time.sleep(0.3)
+    assert victim is not None, "no cell started on node X"
+    time.sleep(3)  # into the model load
+    victim_cell = " ".join(victim.cmdline()).split("ray::qlora-ray:")[1].split()[0]
+    for p in [raylet_x, *raylet_x.children(recursive=True)]:  # the node is gone
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 0, output
+    df = read_runs(results, "node").set_index("name")
+    assert len(df) == 2 and (df.status == "ok").all()
+    # the victim ran again, in a new process on the node that was left (where the other cell ran)
+    assert df.ray_node_id.nunique() == 1 and df.loc[victim_cell, "worker_pid"] != victim.pid
+
+    # Now the last A10G node goes too, mid-cell: no node can run the cell any more.
+    again = write_spec(tmp_path / "node2.yaml", "node2", runs=[{"name": "orphan", "train.max_steps": 40}],
+                       grid={"gpu": ["A10G"]})
+    args[1] = str(again)
+    driver = subprocess.Popen([str(BIN / "qlora-ray"), *args], env=cluster.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    raylet_y = _raylet_of("nodeY")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not any(
+            "ray::qlora-ray:" in " ".join(p.cmdline()) for p in raylet_y.children(recursive=True)):
+        time.sleep(0.3)
+    for p in [raylet_y, *raylet_y.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    output, _ = driver.communicate(timeout=600)
+    assert driver.returncode == 1, output
+    row = read_runs(results, "node2").iloc[0]
+    assert row.status == "unschedulable" and "accelerator_type:A10G" in row.error, row.error
+
+
+def _raylet_of(tag: str) -> psutil.Process:
+    """The raylet of the node started with resource `tag` (its command line lists its resources)."""
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if p.info["name"] == "raylet" and tag in " ".join(p.info["cmdline"] or []):
+            return p
+    raise AssertionError(f"no raylet with {tag}")
