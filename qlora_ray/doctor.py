@@ -381,8 +381,10 @@ def results_check(uri: str) -> Check:
     """Write, read back and delete a probe object where `run` would write its rows."""
     import pyarrow.fs as pafs
 
-    from qlora_ray.results import resolve
+    from qlora_ray.results import redact, resolve
+    from qlora_ray.resume import scrub
 
+    shown = redact(uri)  # keys in the URI are used, never printed
     probe = f".qlora-ray-doctor-{uuid.uuid4().hex[:12]}"
     try:
         fs, root = resolve(uri)
@@ -401,7 +403,7 @@ def results_check(uri: str) -> Check:
         if made:
             fs.delete_dir(root)
     except Exception as e:
-        text = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
+        text = scrub(f"{type(e).__name__}: {e}".replace("\n", " "), uri)[:300]
         low = text.lower()
         if "credential" in low or "security token" in low or "signature" in low:
             fix = ("give this process credentials for the bucket (aws configure, an instance role, "
@@ -412,8 +414,8 @@ def results_check(uri: str) -> Check:
             fix = "use a folder or bucket this user may write (on a cluster: the head node's role)"
         else:
             fix = "check the --results URI and that this machine reaches it"
-        return Check("fail", "results", f"cannot write a probe under {uri}: {text}", fix)
-    return Check("ok", "results", f"{uri}: wrote, read back and deleted a probe object")
+        return Check("fail", "results", f"cannot write a probe under {shown}: {text}", fix)
+    return Check("ok", "results", f"{shown}: wrote, read back and deleted a probe object")
 
 
 # --------------------------------------------------------------------------- the command

@@ -263,10 +263,16 @@ def test_credentials_in_the_results_uri_never_reach_the_output_or_the_rows(
     adapter_path = save_adapter(model, root, "too-big", "0123456789ab")
     assert adapter_path.startswith(shown) and "/too-big/adapters/0123456789ab" in adapter_path
 
+    # `doctor --results` probes the same URI and says where, not with which keys.
+    from qlora_ray.doctor import results_check
+
+    check = results_check(root)
+    assert check.status == "ok" and check.detail.startswith(shown), check
+
     written = [*_keys(_fs(endpoint), f"{BUCKET}/{request.node.name}")]
     assert any(k.startswith("too-big/adapters/0123456789ab/") for k in written)
     rows = pd.read_parquet(f"{BUCKET}/{request.node.name}/too-big/runs", filesystem=_fs(endpoint))
     assert list(rows.status) == ["skipped"]
-    for text in [out.getvalue(), adapter_path, *(str(v) for v in rows.to_numpy().ravel())]:
+    for text in [out.getvalue(), adapter_path, str(check), *(str(v) for v in rows.to_numpy().ravel())]:
         for canary in (CANARY_KEY, CANARY_SECRET, secret):
             assert canary not in text

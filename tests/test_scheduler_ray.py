@@ -417,7 +417,7 @@ def test_a_gpu_node_stopped_mid_grid_its_cells_move_or_end_unschedulable(cluster
     for tag in ("nodeX", "nodeY"):
         cluster.add_node(num_cpus=1, num_gpus=1, resources={"accelerator_type:A10G": 1, tag: 1})
     spec = write_spec(tmp_path / "node.yaml", "node", runs=[
-        {"name": "long1", "train.max_steps": 40}, {"name": "long2", "train.max_steps": 40}],
+        {"name": "long1", "train.max_steps": 40, "lora.r": 2}, {"name": "long2", "train.max_steps": 40, "lora.r": 4}],
         grid={"gpu": ["A10G"]})
     results = tmp_path / "results"
     args = ["run", str(spec), "--results", str(results), "--address", cluster.address, "--allow-cpu-fallback",
@@ -427,17 +427,16 @@ def test_a_gpu_node_stopped_mid_grid_its_cells_move_or_end_unschedulable(cluster
     raylet_x = _raylet_of("nodeX")
     victim = None
     deadline = time.monotonic() + 240
-    while victim is None and time.monotonic() < deadline:
-        tasks = [p for p in psutil.Process(raylet_x.pid).children(recursive=True)
-                 if "ray::qlora-ray:" in " ".join(p.cmdline())]
+    while victim is None and time.monotonic() < deadline and driver.poll() is None:
+        tasks = _cell_processes(raylet_x)
         victim = tasks[0] if tasks else None
         time.sleep(0.3)
-    assert victim is not None, "no cell started on node X"
-    time.sleep(3)  # into the model load
+    if victim is None:
+        driver.kill()
+        raise AssertionError(f"no cell started on node X:\n{driver.communicate()[0][-3000:]}")
     victim_cell = " ".join(victim.cmdline()).split("ray::qlora-ray:")[1].split()[0]
-    for p in [raylet_x, *raylet_x.children(recursive=True)]:  # the node is gone
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
+    time.sleep(1)  # into the model load (40 steps take several seconds more)
+    _stop_node(raylet_x)
     output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 0, output
     df = read_runs(results, "node").set_index("name")
@@ -453,16 +452,30 @@ def test_a_gpu_node_stopped_mid_grid_its_cells_move_or_end_unschedulable(cluster
                               stderr=subprocess.STDOUT, text=True)
     raylet_y = _raylet_of("nodeY")
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not any(
-            "ray::qlora-ray:" in " ".join(p.cmdline()) for p in raylet_y.children(recursive=True)):
+    while time.monotonic() < deadline and driver.poll() is None and not _cell_processes(raylet_y):
         time.sleep(0.3)
-    for p in [raylet_y, *raylet_y.children(recursive=True)]:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
+    _stop_node(raylet_y)
     output, _ = driver.communicate(timeout=600)
     assert driver.returncode == 1, output
     row = read_runs(results, "node2").iloc[0]
     assert row.status == "unschedulable" and "accelerator_type:A10G" in row.error, row.error
+
+
+def _cell_processes(raylet: psutil.Process) -> list[psutil.Process]:
+    """The processes running a qlora-ray cell under this raylet (Ray titles them ray::<task name>)."""
+    found = []
+    for p in raylet.children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # workers come and go (zombies included)
+            if "ray::qlora-ray:" in " ".join(p.cmdline()):
+                found.append(p)
+    return found
+
+
+def _stop_node(raylet: psutil.Process) -> None:
+    """SIGKILL a node: its raylet and everything it started (workers, agents)."""
+    for p in [raylet, *raylet.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
 
 
 def _raylet_of(tag: str) -> psutil.Process:
