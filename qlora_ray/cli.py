@@ -23,7 +23,13 @@ VERBS = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with `only` the options of that one verb (the others bare).
+
+    A verb's options live in its module, and importing a module costs its imports
+    (`run`'s pulls in pyarrow, ~0.2 s), so `qlora-ray --help` and `qlora-ray plan ...` import
+    only what the verb typed needs.
+    """
     parser = argparse.ArgumentParser(
         prog="qlora-ray",
         description="Grids of QLoRA fine-tuning experiments on Ray.",
@@ -31,13 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", required=True, metavar="{" + ",".join(VERBS) + "}")
     for verb, (module, help_text) in VERBS.items():
         p = sub.add_parser(verb, help=help_text, description=help_text)
-        # Argument definitions are light (no heavy imports at module top in these modules).
-        importlib.import_module(module).add_arguments(p)
+        if only is None or verb == only:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # The verb is the first word (the top level has no options but --help), so a command
+    # line without a known verb needs no verb's options: argparse prints help or the error.
+    verb = argv[0] if argv and argv[0] in VERBS else ""
+    args = build_parser(only=verb).parse_args(argv)
     module = importlib.import_module(VERBS[args.verb][0])
     try:
         return int(module.main(args) or 0)

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from qlora_ray.config import ExperimentConfig, flatten, to_dict
+from qlora_ray.dispatch import Dispatcher, submission_order
 from qlora_ray.grid import DEFAULT_MAX_CELLS, Spec, load_spec
 from qlora_ray.results import empty_row, redact
 from qlora_ray.resume import RowWriter, check_writable, existing_rows
@@ -40,6 +41,10 @@ DEFAULT_UNSCHEDULABLE_TIMEOUT = 600.0
 # How often the driver looks at the nodes and the autoscaler's report (which its monitor
 # refreshes every 5 s, AUTOSCALER_UPDATE_INTERVAL_S).
 NODE_CHECK_INTERVAL_S = 2.0
+# Test hook, not a user option (docs/performance.md): set to 1, every cell returns an `ok`
+# row at once without loading anything, and worker processes are reused, so
+# benchmarks/driver_scale.py measures the driver alone over 10,000 cells.
+NOOP_CELLS_ENV = "QLORA_RAY_TEST_NOOP_CELLS"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -189,10 +194,8 @@ def run_spec(
             continue
         todo.append(Cell(plan.config, plan.experiment_id, plan.batch_size, plan.predicted_peak_bytes,
                          plan.profile, attempt, predicted=predicted))
-    # Longest predicted first: the long cells start while the short ones fill in around them,
-    # so the grid does not end waiting on one long cell started last (stable: spec order
-    # among equals; cells without a prediction go last).
-    todo.sort(key=lambda c: -c.predicted_seconds)
+    # Longest predicted first (dispatch.py says why; the scheduling simulation runs it too).
+    todo = submission_order(todo)
     print(f"{spec.name}: {len(plans)} cells, {len(kept)} already have a row, {len(todo)} to run "
           f"-> {shown}/{spec.name}/runs/", file=out)
 
@@ -265,10 +268,25 @@ def _task(payload: dict[str, Any], tracker: Any) -> Any:
     if cwd and os.path.isdir(cwd):
         os.chdir(cwd)
     cfg = from_dict(ExperimentConfig, payload.pop("config"))
-    output = run_experiment(cfg, **payload)
+    output = _noop_output(cfg, payload) if payload.pop("noop", False) else run_experiment(cfg, **payload)
     output.row["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     output.row["worker_pid"] = os.getpid()
     return output
+
+
+def _noop_output(cfg: ExperimentConfig, payload: dict[str, Any]) -> Any:
+    """The NOOP_CELLS_ENV cell: an `ok` row and four samples, as a real cell returns them."""
+    from qlora_ray.worker import RunOutput
+
+    now = dt.datetime.now(dt.timezone.utc)
+    row = empty_row()
+    row.update(flatten(cfg))
+    row.update(experiment_id=payload["experiment_id"], spec_name=payload["spec_name"], status="ok",
+               attempt=payload["attempt"], predicted_peak_bytes=payload["predicted_peak_bytes"],
+               started_at=now, finished_at=now)
+    samples = [{"experiment_id": payload["experiment_id"], "name": cfg.name, "phase": "after", "index": i,
+                "prompt": "p", "reference": "r", "generated": "g"} for i in range(4)]
+    return RunOutput(row, samples)
 
 
 def _remote_functions(max_retries: int) -> tuple[Any, Any, Any]:
@@ -276,8 +294,10 @@ def _remote_functions(max_retries: int) -> tuple[Any, Any, Any]:
 
     # Declared (not just .options()) with num_gpus=1 and max_calls=1: a fresh process per
     # experiment, pinned to one GPU. CPU cells get max_calls=1 too, so no state leaks.
-    gpu_task = ray.remote(num_gpus=1, max_calls=1, max_retries=max_retries)(_task)
-    cpu_task = ray.remote(num_cpus=1, max_calls=1, max_retries=max_retries)(_task)
+    # (No-op test cells load nothing, so they reuse processes: 0 is Ray's "no limit".)
+    calls = 0 if os.environ.get(NOOP_CELLS_ENV) == "1" else 1
+    gpu_task = ray.remote(num_gpus=1, max_calls=calls, max_retries=max_retries)(_task)
+    cpu_task = ray.remote(num_cpus=1, max_calls=calls, max_retries=max_retries)(_task)
     tracker = ray.remote(num_cpus=0)(_Tracker)
     return gpu_task, cpu_task, tracker
 
@@ -391,15 +411,14 @@ def _run_cells(
     gpu_task, cpu_task, tracker_cls = _remote_functions(max_retries)
     tracker = tracker_cls.remote()
     rows: dict[str, dict[str, Any]] = {}
-    pending = list(todo)
+    pending = Dispatcher(todo, max_parallel=max_parallel)
     running: dict[Any, Cell] = {}
     progress = _Progress(len(todo), out)
     interrupted = False
     previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)  # `ray job stop`
     try:
-        while pending or running:
-            while pending and (max_parallel is None or len(running) < max_parallel):
-                cell = pending.pop(0)
+        while len(pending) or running:
+            for cell in pending.release(len(running)):
                 cell.resources = _requirement(cell, cpus_per_task)
                 task = gpu_task if "GPU" in cell.resources else cpu_task
                 options: dict[str, Any] = {"num_cpus": cpus_per_task,
@@ -468,6 +487,7 @@ def _payload(
         "num_threads": cpus,
         "attempt": cell.attempt,
         "cwd": cwd,
+        "noop": os.environ.get(NOOP_CELLS_ENV) == "1",
     }
 
 
