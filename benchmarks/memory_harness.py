@@ -71,6 +71,7 @@ POINTS: dict[str, tuple[str, dict[str, Any], bool, bool]] = {
                                             "lora.dropout": 0.0}, False, False),
     "tinyllama-r64-adamw-torch": (TINYLLAMA, {"lora.r": 64, "train.optim": "adamw_torch"}, False, False),
     "tinyllama-r64-bnb8": (TINYLLAMA, {"lora.r": 64, "train.optim": "adamw_bnb_8bit"}, False, False),
+    "tinyllama-r64-paged32": (TINYLLAMA, {"lora.r": 64, "train.optim": "paged_adamw_32bit"}, False, False),
     "tinyllama-eager": (TINYLLAMA, {"model.attn_implementation": "eager"}, False, False),
     "tinyllama-accum2": (TINYLLAMA, {"train.grad_accum": 2}, False, False),
     "tinyllama-seq128-batch8": (TINYLLAMA, {"train.max_seq_len": 128, "train.batch_size": 8}, False, False),
