@@ -20,9 +20,12 @@ What a row becomes:
   "### Response:" cue) is what the answer depends on. If the response alone would leave
   the prompt fewer than `max_seq_len // 2` tokens, the prompt keeps its last
   `max_seq_len // 2` tokens and the response is cut from the right (losing its eos).
-- split: rows are shuffled with `random.Random(dataset.split_seed)`; the first
-  `eval_size` rows (a count, or a fraction of the rows) are held out, the rest train.
-  `dataset.max_train_samples` then caps the training rows, `eval.max_samples` the eval rows.
+- split: `eval_size` rows (a count, or a fraction of the rows) are held out, the rest
+  train, drawn with `random.Random(dataset.split_seed)`. When there is a label set, the
+  split is stratified on the reference (each label, and the rows whose answer is not a
+  label, keep their share in both parts), and the eval rows are interleaved so that any
+  prefix keeps it. `dataset.max_train_samples` then caps the training rows,
+  `eval.max_samples` the eval rows (a prefix of each).
 - packing (`dataset.packing`): whole training examples are laid end to end into
   sequences of at most `max_seq_len` tokens (an example is never split across two), with
   their label masks unchanged. Attention crosses example boundaries inside a sequence, as
@@ -54,9 +57,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # the label value transformers' loss skips
-# `eval.labels: auto`: answers of at most this many words seen at least this often.
+# `eval.labels: auto`: answers of at most this many words seen at least this often, and at
+# most this many such values (see `auto_labels`).
 AUTO_LABEL_MAX_WORDS = 3
 AUTO_LABEL_MIN_COUNT = 3
+AUTO_LABEL_MAX_CLASSES = 10
 
 
 @dataclass
@@ -68,6 +73,7 @@ class PreparedData:
     eval_prompts: list[str]
     eval_references: list[str]  # their reference answers
     labels: list[str] | None  # label set for accuracy/F1, or None
+    labels_note: str | None  # why `eval.labels: auto` found no label set
     num_train_tokens: int  # non-padding tokens in one epoch of train
     stats: dict[str, int] = field(default_factory=dict)  # rows, dropped, truncated, ...
 
@@ -177,38 +183,94 @@ def eval_count(n_rows: int, eval_size: int | float) -> int:
     return eval_size
 
 
-def split_indices(n_rows: int, eval_size: int | float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, eval) row indices: a seeded shuffle, eval taken from its front. Disjoint."""
+def split_indices(
+    n_rows: int, eval_size: int | float, seed: int, strata: Sequence[str] | None = None
+) -> tuple[list[int], list[int]]:
+    """(train, eval) row indices, disjoint and seeded.
+
+    Without `strata`: a seeded shuffle, eval taken from its front. With `strata` (one key
+    per row, e.g. the reference label): each stratum gives the eval split its share of the
+    rows (largest remainder), so the eval classes are in the data's proportions; the eval
+    rows are interleaved across strata so that every prefix (`eval.max_samples`) keeps those
+    proportions too. Train is the rest, shuffled.
+    """
     k = eval_count(n_rows, eval_size)
     if k >= n_rows:
         raise ConfigError([problem("dataset.eval_size", eval_size,
                                    f"must leave rows to train on (the dataset has {n_rows} usable rows)",
                                    "hold out fewer rows, or a fraction such as 0.1")])
-    order = list(range(n_rows))
-    random.Random(seed).shuffle(order)
-    return order[k:], order[:k]
+    rng = random.Random(seed)
+    if strata is None:
+        order = list(range(n_rows))
+        rng.shuffle(order)
+        return order[k:], order[:k]
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(strata):
+        groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        rng.shuffle(members)
+    shares = {key: k * len(members) / n_rows for key, members in groups.items()}
+    take = {key: int(share) for key, share in shares.items()}
+    by_remainder = sorted(groups, key=lambda key: -(shares[key] - take[key]))  # stable: ties in order
+    for key in by_remainder[: k - sum(take.values())]:
+        take[key] += 1
+    # Interleave: the j-th eval row of a stratum holding m of them sits at (j + 0.5) / m.
+    placed = [((j + 0.5) / take[key], g, groups[key][j])
+              for g, key in enumerate(groups) for j in range(take[key])]
+    held_out = [i for _, _, i in sorted(placed)]
+    train = [i for key, members in groups.items() for i in members[take[key]:]]
+    rng.shuffle(train)
+    return train, held_out
+
+
+def label_strata(answers: Sequence[str], labels: Sequence[str] | None) -> list[str] | None:
+    """The stratum of each row: its label (ignoring case) when its answer is one, else ""."""
+    if not labels:
+        return None
+    known = {label.strip().lower() for label in labels}
+    return [a.strip().lower() if a.strip().lower() in known else "" for a in answers]
 
 
 # ---------------------------------------------------------------------------- labels
 
 
-def auto_labels(answers: Sequence[str]) -> list[str] | None:
-    """Answers of at most three words that occur at least three times, sorted; None if none."""
-    counts = Counter(a.strip() for a in answers)
-    labels = sorted(
-        a for a, n in counts.items()
-        if a and len(a.split()) <= AUTO_LABEL_MAX_WORDS and n >= AUTO_LABEL_MIN_COUNT
-    )
-    return labels or None
+def auto_labels(answers: Sequence[str]) -> tuple[list[str] | None, str | None]:
+    """(label set, None), or (None, a note saying why there is none).
+
+    A label set is inferred only when a few values cover most rows, as in a classification
+    task: answers of at most three words seen at least three times (counted ignoring case;
+    each label keeps its most common spelling), 2 to `AUTO_LABEL_MAX_CLASSES` of them, on at
+    least half of the rows. On free-text answers a handful of repeats ("Paris", "Yes") is
+    not a task with labels, and accuracy over just those rows would mislead.
+    """
+    spellings: dict[str, Counter[str]] = {}
+    for a in answers:
+        text = a.strip()
+        if text and len(text.split()) <= AUTO_LABEL_MAX_WORDS:
+            spellings.setdefault(text.lower(), Counter())[text] += 1
+    frequent = {k: c for k, c in spellings.items() if c.total() >= AUTO_LABEL_MIN_COUNT}
+    covered = sum(c.total() for c in frequent.values())
+    shown = ", ".join(repr(c.most_common(1)[0][0]) for c in list(frequent.values())[:5])
+    fix = "set `eval.labels` to the list of labels to score accuracy/F1"
+    if len(frequent) < 2:
+        return None, (f"eval.labels auto: no label set (fewer than two short answers repeat "
+                      f"{AUTO_LABEL_MIN_COUNT}+ times); {fix}")
+    if len(frequent) > AUTO_LABEL_MAX_CLASSES or covered * 2 < len(answers):
+        return None, (f"eval.labels auto: no label set: the {len(frequent)} short answers seen "
+                      f"{AUTO_LABEL_MIN_COUNT}+ times ({shown}{', ...' if len(frequent) > 5 else ''}) "
+                      f"cover {covered} of {len(answers)} rows, which is not a few values covering "
+                      f"most rows (at most {AUTO_LABEL_MAX_CLASSES} values, half the rows); {fix}")
+    return sorted(c.most_common(1)[0][0] for c in frequent.values()), None
 
 
-def label_set(setting: tuple[str, ...] | str, answers: Sequence[str]) -> list[str] | None:
-    """`eval.labels`: a list as given, `none` -> None, `auto` -> `auto_labels(answers)`."""
+def label_set(setting: tuple[str, ...] | str, answers: Sequence[str]) -> tuple[list[str] | None, str | None]:
+    """`eval.labels`: a list as given, `none` -> None, `auto` -> `auto_labels(answers)`;
+    with a note when `auto` found no label set."""
     if setting == "none":
-        return None
+        return None, None
     if setting == "auto":
         return auto_labels(answers)
-    return list(setting)
+    return list(setting), None
 
 
 # ------------------------------------------------------------------------ formatting
@@ -324,7 +386,11 @@ def prepare_data(cfg: ExperimentConfig, tokenizer: Any) -> PreparedData:
     d = cfg.dataset
     rows, dropped = check_rows(load_rows(d), d)
     answers = [_response(row, d.response_field) or "" for row in rows]
-    train_idx, eval_idx = split_indices(len(rows), d.eval_size, d.split_seed)
+    labels, labels_note = label_set(cfg.eval.labels, answers)
+    if labels_note:
+        log.warning("%s", labels_note)
+    train_idx, eval_idx = split_indices(len(rows), d.eval_size, d.split_seed,
+                                        label_strata(answers, labels))
     if d.max_train_samples is not None:
         train_idx = train_idx[: d.max_train_samples]
     if cfg.eval.max_samples is not None:
@@ -345,7 +411,6 @@ def prepare_data(cfg: ExperimentConfig, tokenizer: Any) -> PreparedData:
         log.warning("truncated %d train and %d eval examples to train.max_seq_len=%d",
                     train_cut, eval_cut, max_len)
 
-    labels = label_set(cfg.eval.labels, answers)
     stats = {"rows": len(rows) + dropped, "rows_dropped": dropped, "train_rows": len(train_idx),
              "eval_rows": len(eval_idx), "train_sequences": len(train_examples),
              "train_truncated": train_cut, "eval_truncated": eval_cut}
@@ -356,6 +421,7 @@ def prepare_data(cfg: ExperimentConfig, tokenizer: Any) -> PreparedData:
         eval_prompts=eval_prompts,
         eval_references=eval_references,
         labels=labels,
+        labels_note=labels_note,
         num_train_tokens=num_train_tokens,
         stats=stats,
     )

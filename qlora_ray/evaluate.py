@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,16 +37,20 @@ def cosine_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def match_label(text: str, labels: list[str]) -> str | None:
-    """The label that appears earliest in `text` (case-insensitive), the FinLoRA rule.
+    """The label that appears earliest in `text` as a whole word, case-insensitively (the
+    FinLoRA rule, without matching inside other words).
 
-    At the same position the longer label wins ("neutral" over "neu" if both were labels).
+    A letter, digit, `_` or `-` next to a match disqualifies it: "Answer: B" is B, not A;
+    "I don't know" is not "no"; "non-neutral, clearly negative" is negative. At the same
+    position the longer label wins ("strong buy" over "strong" if both were labels).
     """
-    lowered = text.lower()
     best: tuple[int, int, str] | None = None
     for label in labels:
-        pos = lowered.find(label.lower())
-        if pos >= 0:
-            key = (pos, -len(label), label)
+        if not label.strip():
+            continue
+        found = re.search(rf"(?<![\w-]){re.escape(label.strip())}(?![\w-])", text, re.IGNORECASE)
+        if found:
+            key = (found.start(), -len(label), label)
             if best is None or key < best:
                 best = key
     return best[2] if best else None

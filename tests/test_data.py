@@ -154,6 +154,30 @@ def test_split_is_deterministic_disjoint_and_seeded(tokenizer):
     assert len(held_out) == 40 and sorted(train + held_out) == list(range(400))
 
 
+def test_eval_split_is_stratified_on_the_label(tokenizer):
+    # Issue 16 item 5: a plain shuffle gave the quickstart's 64 eval rows 7/19/18 labels.
+    data = prepare_data(config(), tokenizer)
+    counts = Counter(r for r in data.eval_references if r in data.labels)
+    assert sum(counts.values()) in (43, 44)  # 270 of 400 rows are labelled: 64 * 0.675
+    assert max(counts.values()) - min(counts.values()) <= 1, counts
+    # Every prefix (what `eval.max_samples` keeps) stays close to balanced too.
+    first = Counter(r for r in data.eval_references[:16] if r in data.labels)
+    assert max(first.values()) - min(first.values()) <= 1, first
+    train_labels = Counter(response for ex in data.train
+                           if (response := tokenizer.decode(response_part(ex)[:-1])) in data.labels)
+    assert sum(train_labels.values()) + sum(counts.values()) == 270
+    assert max(train_labels.values()) - min(train_labels.values()) <= 1
+
+
+def test_stratified_split_is_deterministic_and_disjoint():
+    strata = ["a"] * 50 + ["b"] * 30 + ["c"] * 20
+    train, held_out = split_indices(100, 10, seed=3, strata=strata)
+    assert sorted(train + held_out) == list(range(100))
+    assert Counter(strata[i] for i in held_out) == {"a": 5, "b": 3, "c": 2}
+    assert split_indices(100, 10, seed=3, strata=strata) == (train, held_out)
+    assert split_indices(100, 10, seed=4, strata=strata)[1] != held_out
+
+
 def test_caps_take_a_prefix_of_the_same_split(tokenizer):
     full = prepare_data(config(), tokenizer)
     capped = prepare_data(config(**{"max_train_samples": 10, "eval.max_samples": 5}), tokenizer)
@@ -207,12 +231,27 @@ def test_collator_pads_right_with_pad_id_zero_mask_and_ignored_labels(tokenizer)
 # ----------------------------------------------------------------------------- labels
 
 
-def test_auto_label_rule_short_answers_seen_three_times():
-    answers = ["yes"] * 3 + ["no"] * 2 + ["rather long answer here"] * 5 + ["up to three"] * 3
-    assert auto_labels(answers) == ["up to three", "yes"]
-    assert auto_labels(["a", "b"]) is None
-    assert label_set("none", answers) is None
-    assert label_set(("b", "a"), answers) == ["b", "a"]
+def test_auto_labels_need_a_few_short_answers_covering_most_rows():
+    labels, note = auto_labels(["yes"] * 6 + ["no"] * 4 + ["up to three"] * 3 + ["a long free answer"] * 5)
+    assert labels == ["no", "up to three", "yes"] and note is None  # 13 of 18 rows
+    assert auto_labels(["a", "b"])[0] is None
+    assert label_set("none", ["yes"] * 9)[0] is None
+    assert label_set(("b", "a"), ["yes"] * 9) == (["b", "a"], None)
+
+
+def test_auto_labels_are_not_invented_on_free_text_answers():
+    # Issue 16 item 3: QA-style answers where a few values repeat, most rows are unique.
+    answers = (["1990"] * 3 + ["Paris"] * 4 + ["Yes"] * 3 + ["two"] * 3
+               + [f"The treaty was signed in {1800 + i}" for i in range(60)])
+    labels, note = auto_labels(answers)
+    assert labels is None
+    assert "cover 13 of 73 rows" in note and "`eval.labels`" in note  # says why and the fix
+
+
+def test_auto_labels_count_case_insensitively_and_keep_the_common_spelling():
+    labels, _ = auto_labels(["Positive", "positive", "positive", "negative", "NEGATIVE", "negative"])
+    assert labels == ["negative", "positive"]  # each seen 3 times once case is ignored
+    assert auto_labels([f"label {i % 30}" for i in range(90)])[0] is None  # 30 values are not "a few"
 
 
 def test_shipped_dataset_auto_labels_are_the_three_sentiments(tokenizer):

@@ -42,3 +42,15 @@ def test_perfect_and_empty():
     assert accuracy_and_weighted_f1(LABELS, LABELS) == (1.0, 1.0)
     acc, f1 = accuracy_and_weighted_f1([], [])
     assert math.isnan(acc) and math.isnan(f1)
+
+
+def test_labels_match_as_whole_words_not_inside_other_words():
+    # Issue 16 item 2: `find` matched "A" inside "Answer", "no" inside "know" and "neutral"
+    # inside "non-neutral".
+    assert match_label("Answer: B", ["A", "B", "C"]) == "B"
+    assert match_label("I don't know", ["yes", "no"]) is None
+    assert match_label("non-neutral, clearly negative", LABELS) == "negative"
+    assert match_label("Negative!", LABELS) == "negative"  # still case-insensitive
+    assert match_label("(positive)", LABELS) == "positive"
+    assert match_label("neutral-ish but positive", LABELS) == "positive"
+    assert match_label("Label: strong buy", ["strong", "strong buy"]) == "strong buy"  # longer wins at a tie
