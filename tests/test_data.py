@@ -82,7 +82,9 @@ def test_dataset_shape_balance_and_no_labels_in_the_corpus():
     assert Counter(r["output"] for r in rows if r["task"] == "sentiment") == {
         "negative": 90, "neutral": 90, "positive": 90}
     assert all(2 <= len(r["output"].split()) <= 5 for r in rows if r["task"] != "sentiment")
-    assert len({(r["instruction"], r["input"]) for r in rows}) == 400  # no duplicates to leak
+    # No headline twice: the same headline under another instruction would put an eval
+    # row's input in the training split (issue 16 item 7).
+    assert len({r["input"] for r in rows}) == 400
     corpus = CORPUS.read_text()
     headlines = {r["input"] for r in rows}
     assert "###" not in corpus and "Classify" not in corpus

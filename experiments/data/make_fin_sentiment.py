@@ -186,13 +186,14 @@ def _headline(rng: random.Random, sentiment: str, company: str, sector: str) -> 
 def make_rows(seed: int = SEED) -> list[dict[str, str]]:
     rng = random.Random(seed)
     rows: list[dict[str, str]] = []
-    seen: set[tuple[str, str]] = set()
+    seen: set[str] = set()
 
     def add(instruction: str, headline: str, output: str, task: str) -> bool:
-        # Duplicate (instruction, input) pairs would leak between the train and eval splits.
-        if (instruction, headline) in seen:
+        # Each headline once, whatever the question: the same headline under two
+        # instructions would put an eval row's input in the training split.
+        if headline in seen:
             return False
-        seen.add((instruction, headline))
+        seen.add(headline)
         rows.append({"instruction": instruction, "input": headline, "output": output, "task": task})
         return True
 
