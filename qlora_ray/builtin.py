@@ -16,9 +16,12 @@ The recipe, start to finish in 10-20 seconds on two CPU cores (recorded in recip
    multiple of 64, as bitsandbytes' 4-bit blocks need), with tied embeddings;
 3. pretrain it as a causal LM on the corpus for 200 steps (plain torch loop, fixed seeds),
    so that fine-tuning starts from a model that knows the words, not from noise; then
-   give each token the corpus never showed the embedding of its space-prefixed twin
-   (`negative` <- `Ġnegative`): answers are tokenized at the start of a line, a form the
-   corpus lacks, and LoRA cannot train embeddings.
+   give each token the corpus never showed the embedding of its space-prefixed twin plus
+   the average difference between the two forms of words the corpus does show in both
+   (`negative` <- `Ġnegative` + offset): answers are tokenized at the start of a line, a
+   form the corpus lacks, and LoRA cannot train embeddings. The offset keeps the twins
+   apart (an exact copy, with tied embeddings, ties their logits: the label's loss could
+   not go below ln 2 and greedy decoding emitted the twin).
 
 The result is cached under `$QLORA_RAY_CACHE` (default `~/.cache/qlora-ray`) in
 `builtin/tiny-llama-<hash>`, where the hash covers everything that decides the weights:
@@ -130,9 +133,10 @@ TRAIN_SETTINGS: dict[str, Any] = {
     "eval_blocks": 32,  # held-out blocks on which loss_before/loss_after are measured
     # After pretraining, a token the corpus never showed (e.g. `negative` at the start of a
     # line, as a response is tokenized) gets the embedding of its space-prefixed twin
-    # (`Ġnegative`), which it did see. Without this the answer tokens keep a random
-    # embedding that low-rank adapters struggle to steer towards.
-    "twin_init": True,
+    # (`Ġnegative`), which it did see, plus the mean line-start offset (see
+    # `_init_unseen_from_twins`). Without this the answer tokens keep a random embedding
+    # that low-rank adapters struggle to steer towards; without the offset the twins tie.
+    "twin_init": "offset",
 }
 
 
@@ -355,18 +359,33 @@ def _pretrain(model: Any, blocks: Any) -> dict[str, float]:
 
 
 def _init_unseen_from_twins(model: Any, tokenizer: Any, blocks: Any) -> int:
-    """Copy `Ġword`'s embedding to `word` wherever the corpus never showed `word`."""
+    """Start each unseen `word` at its seen twin `Ġword` plus the line-start offset.
+
+    The offset is the mean of `word - Ġword` over the pairs the corpus showed in both forms
+    (such as `Shares` / `ĠShares`): what "at the start of a line" adds to a word. With tied
+    embeddings an exact copy would give `word` and `Ġword` the same logit for every hidden
+    state, capping the label's probability at 1/2; the offset separates them along a
+    direction the model already uses.
+    """
     import torch
 
     seen = set(blocks.unique().tolist())
     vocab = tokenizer.get_vocab()
     weight = model.get_input_embeddings().weight  # tied: the output head changes with it
+
+    def twin_of(token: str) -> int | None:
+        twin = vocab.get("Ġ" + token)
+        return twin if twin is not None and twin in seen and token not in SPECIAL_TOKENS else None
+
+    both = [(idx, twin) for token, idx in vocab.items()
+            if idx in seen and (twin := twin_of(token)) is not None]
     copied = 0
     with torch.no_grad():
+        offset = torch.stack([weight[i] - weight[t] for i, t in both]).mean(0) if both else 0.0
         for token, idx in sorted(vocab.items(), key=lambda kv: kv[1]):
-            twin = vocab.get("Ġ" + token)
-            if idx not in seen and twin is not None and twin in seen and token not in SPECIAL_TOKENS:
-                weight[idx] = weight[twin]
+            twin = twin_of(token)
+            if idx not in seen and twin is not None:
+                weight[idx] = weight[twin] + offset
                 copied += 1
     return copied
 

@@ -195,7 +195,8 @@ class DatasetConfig:
     )
     split_seed: int = _f(0, "Seed of the deterministic train/eval split.")
     max_train_samples: int | None = _f(None, "Cap on training rows (after the split).")
-    packing: bool = _f(False, "Pack several examples into each `max_seq_len` sequence.")
+    packing: bool = _f(False, "Pack several examples into each `max_seq_len` sequence (attention "
+                       "stays inside each example; fewer optimizer steps per epoch, see `train_steps`).")
 
     def problems(self) -> list[str]:
         out: list[str] = []
@@ -381,8 +382,9 @@ class SimilarityConfig:
 
     embedder: str = _f(
         "self",
-        "`self` (the evaluated model's own mean-pooled last hidden state, as the seed results) "
-        "or a fixed model path / hub id, so that scores compare across quantizations.",
+        "`self` (the evaluated model's own mean-pooled last hidden state, as the seed results, "
+        "with the adapter disabled so before and after share one ruler) or a fixed model path / "
+        "hub id, so that scores also compare across quantizations.",
     )
     revision: str | None = _f(
         None,
@@ -408,14 +410,19 @@ class SimilarityConfig:
 class EvalConfig:
     section: ClassVar[str] = "eval"
 
-    max_new_tokens: int = _f(16, "Greedy decoding length for the generated answers.")
-    batch_size: int = _f(16, "Generation and eval-loss batch size.")
+    max_new_tokens: int = _f(
+        16, "Greedy decoding length for the generated answers; cover the longest reference "
+        "(the worker warns when a reference is longer).")
+    batch_size: int = _f(16, "Generation, embedding and eval-loss batch size (the eval loss is "
+                         "per answer token over the whole eval set, whatever the batch size).")
     max_samples: int | None = _f(None, "Cap on evaluated rows (default: the whole eval split).")
     before: bool = _f(True, "Also evaluate the untrained model (the `*_before` columns).")
     labels: tuple[str, ...] | str = _f(
         "auto",
         "Label set for accuracy/F1: a list, `none`, or `auto` (answers of at most three words "
-        "that occur at least 3 times in the dataset).",
+        "that occur at least 3 times, ignoring case; only when 2 to 10 such values cover at least "
+        "half the rows, otherwise no accuracy and the row's `labels_note` says why). With a label "
+        "set the eval split is stratified on it.",
     )
     similarity: SimilarityConfig = _f(default_factory=SimilarityConfig, help="Similarity scoring.")
 

@@ -1,5 +1,7 @@
 """Training and eval data: load, format, tokenize, split, pack, collate.
 
+Rows and text live here; token ids (truncation, packing, the collator) in encoding.py.
+
     data = prepare_data(cfg, tokenizer)      # cfg: ExperimentConfig
     trainer = Trainer(..., train_dataset=data.train, eval_dataset=data.eval,
                       data_collator=make_collator(tokenizer))
@@ -12,14 +14,17 @@ What a row becomes:
   If the tokenizer puts a bos token in front of what it encodes (Llama does), the text
   starts with it; so the prompt text is exactly what the model sees, and is tokenized
   with `add_special_tokens=False` everywhere (training here, generation in evaluate).
-- target: `row[dataset.response_field]` + the eos token. Prompt and response are
-  tokenized separately, as generation sees them: the prompt, then new tokens.
+- target: `row[dataset.response_field]` + the eos token, or with a chat template what the
+  template closes an assistant turn with (`<end_of_turn>`, `<|end|>`, ...; see
+  `answer_suffix`). Prompt and response are tokenized separately, as generation sees
+  them: the prompt, then new tokens.
 - labels: -100 on every prompt token, so the loss is on the response only.
 - truncation to `train.max_seq_len`: the response is kept and the prompt is cut from the
   left (after its bos token), because the end of a prompt (the question and the
   "### Response:" cue) is what the answer depends on. If the response alone would leave
   the prompt fewer than `max_seq_len // 2` tokens, the prompt keeps its last
   `max_seq_len // 2` tokens and the response is cut from the right (losing its eos).
+  Generation prompts are cut by the same rule, leaving room for `eval.max_new_tokens`.
 - split: `eval_size` rows (a count, or a fraction of the rows) are held out, the rest
   train, drawn with `random.Random(dataset.split_seed)`. When there is a label set, the
   split is stratified on the reference (each label, and the rows whose answer is not a
@@ -28,8 +33,10 @@ What a row becomes:
   `eval.max_samples` the eval rows (a prefix of each).
 - packing (`dataset.packing`): whole training examples are laid end to end into
   sequences of at most `max_seq_len` tokens (an example is never split across two), with
-  their label masks unchanged. Attention crosses example boundaries inside a sequence, as
-  in the classic packed-SFT recipe; eval data is never packed.
+  their label masks unchanged and `position_ids` restarting at each example, so that
+  attention stays inside an example (see `encoding.pack` and `encoding.PadCollator`). A packed epoch has
+  fewer, fuller batches, hence fewer optimizer steps than an unpacked one: the row's
+  `train_steps`, `train_examples` and `train_sequences` say so. Eval data is never packed.
 
 Rows whose response is null or empty are dropped (with a warning): an empty target
 teaches nothing and has no reference to score against.
@@ -42,7 +49,7 @@ import random
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,13 +57,17 @@ from typing import TYPE_CHECKING, Any
 from qlora_ray.config import ConfigError, DatasetConfig, ExperimentConfig, problem
 from qlora_ray.datacheck import is_local, read_rows
 
+# PadCollator, make_collator and truncate are re-exported for callers of this module.
+from qlora_ray.encoding import IGNORE_INDEX, answer_suffix, encode, generation_prompts, pack
+from qlora_ray.encoding import PadCollator as PadCollator
+from qlora_ray.encoding import make_collator as make_collator
+from qlora_ray.encoding import truncate as truncate
+
 if TYPE_CHECKING:
     import datasets
-    import torch
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100  # the label value transformers' loss skips
 # `eval.labels: auto`: answers of at most this many words seen at least this often, and at
 # most this many such values (see `auto_labels`).
 AUTO_LABEL_MAX_WORDS = 3
@@ -68,12 +79,14 @@ AUTO_LABEL_MAX_CLASSES = 10
 class PreparedData:
     train: datasets.Dataset  # input_ids, attention_mask, labels (prompt tokens = -100)
     eval: datasets.Dataset  # same, unpacked, for the eval loss on the held-out rows
-    # Prompt text of the held-out rows, chat template and bos included, never truncated:
-    # tokenize it with add_special_tokens=False to get what the model saw in training.
+    # Prompt text of the held-out rows, chat template and bos included, as generation sees
+    # it (cut like training prompts when too long, see `generation_prompts`).
     eval_prompts: list[str]
+    eval_prompt_ids: list[list[int]]  # the same as token ids: what `generate` is given
     eval_references: list[str]  # their reference answers
     labels: list[str] | None  # label set for accuracy/F1, or None
     labels_note: str | None  # why `eval.labels: auto` found no label set
+    end_of_answer_ids: list[int]  # the token an answer ends with (eos, or the chat turn's end)
     num_train_tokens: int  # non-padding tokens in one epoch of train
     stats: dict[str, int] = field(default_factory=dict)  # rows, dropped, truncated, ...
 
@@ -316,65 +329,10 @@ def _bos_text(tokenizer: Any) -> str:
     return tokenizer.bos_token
 
 
-# ------------------------------------------------------------------------ tokenizing
-
-
-def truncate(
-    prompt: list[int], response: list[int], max_len: int, head: int = 0
-) -> tuple[list[int], list[int]]:
-    """Fit prompt + response into `max_len`, keeping the response and the prompt's end.
-
-    `head` leading prompt tokens (the bos token) are always kept. See the module docstring.
-    """
-    if len(prompt) + len(response) <= max_len:
-        return prompt, response
-    budget = max(max_len - len(response), min(len(prompt), max_len // 2))
-    keep = max(budget - head, 0)
-    prompt = prompt[:head] + prompt[len(prompt) - keep :]
-    return prompt, response[: max_len - len(prompt)]
-
-
-def encode(
-    tokenizer: Any, prompts: list[str], responses: list[str], max_len: int
-) -> tuple[list[dict[str, list[int]]], int]:
-    """Tokenized examples (labels -100 on the prompt) and how many were truncated."""
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    bos_id = tokenizer.bos_token_id
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
-    response_ids = tokenizer(responses, add_special_tokens=False)["input_ids"] if responses else []
-    examples, truncated = [], 0
-    for p, r in zip(prompt_ids, response_ids, strict=True):
-        head = 1 if p[:1] == [bos_id] and bos_id is not None else 0
-        p2, r2 = truncate(list(p), list(r) + eos, max_len, head)
-        truncated += (len(p2), len(r2)) != (len(p), len(r) + len(eos))
-        examples.append({
-            "input_ids": p2 + r2,
-            "attention_mask": [1] * (len(p2) + len(r2)),
-            "labels": [IGNORE_INDEX] * len(p2) + r2,
-        })
-    return examples, truncated
-
-
-def pack(examples: list[dict[str, list[int]]], max_len: int) -> list[dict[str, list[int]]]:
-    """Lay whole examples end to end into sequences of at most `max_len` tokens, in order."""
-    packed: list[dict[str, list[int]]] = []
-    ids: list[int] = []
-    labels: list[int] = []
-    for ex in examples:
-        if ids and len(ids) + len(ex["input_ids"]) > max_len:
-            packed.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-            ids, labels = [], []
-        ids = ids + ex["input_ids"]
-        labels = labels + ex["labels"]
-    if ids:
-        packed.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    return packed
-
-
 def _to_dataset(examples: list[dict[str, list[int]]]) -> datasets.Dataset:
     import datasets
 
-    columns = ("input_ids", "attention_mask", "labels")
+    columns = list(examples[0]) if examples else ["input_ids", "attention_mask", "labels"]
     return datasets.Dataset.from_dict({c: [ex[c] for ex in examples] for c in columns})
 
 
@@ -398,67 +356,48 @@ def prepare_data(cfg: ExperimentConfig, tokenizer: Any) -> PreparedData:
 
     fmt = PromptFormatter(d, tokenizer)
     max_len = cfg.train.max_seq_len
+    suffix, end_of_answer = answer_suffix(tokenizer, d.chat_template)
     train_examples, train_cut = encode(
-        tokenizer, [fmt(rows[i], i) for i in train_idx], [answers[i] for i in train_idx], max_len
+        tokenizer, [fmt(rows[i], i) for i in train_idx], [answers[i] for i in train_idx], max_len, suffix
     )
     eval_prompts = [fmt(rows[i], i) for i in eval_idx]
     eval_references = [answers[i] for i in eval_idx]
-    eval_examples, eval_cut = encode(tokenizer, eval_prompts, eval_references, max_len)
+    eval_examples, eval_cut = encode(tokenizer, eval_prompts, eval_references, max_len, suffix)
+    prompt_ids, prompts_cut = generation_prompts(tokenizer, eval_prompts, max_len, cfg.eval.max_new_tokens)
+    # A cut prompt is shown as what the model saw.
+    eval_prompts = [text if len(ids) == len(full) else tokenizer.decode(ids)
+                    for text, ids, full in zip(eval_prompts, prompt_ids,
+                                               tokenizer(eval_prompts, add_special_tokens=False)["input_ids"]
+                                               if eval_prompts else [], strict=True)]
+    long_references = sum(len(ex["labels"]) - ex["labels"].count(IGNORE_INDEX) - len(suffix)
+                          > cfg.eval.max_new_tokens for ex in eval_examples)
     num_train_tokens = sum(len(ex["input_ids"]) for ex in train_examples)
     if d.packing:
         train_examples = pack(train_examples, max_len)
-    if train_cut or eval_cut:
-        log.warning("truncated %d train and %d eval examples to train.max_seq_len=%d",
-                    train_cut, eval_cut, max_len)
+    if train_cut or eval_cut or prompts_cut:
+        log.warning("truncated %d train and %d eval examples and %d generation prompts to "
+                    "train.max_seq_len=%d", train_cut, eval_cut, prompts_cut, max_len)
+    if long_references:
+        log.warning("%d of %d reference answers are longer than eval.max_new_tokens=%d tokens: "
+                    "their generations are cut short; raise eval.max_new_tokens",
+                    long_references, len(eval_examples), cfg.eval.max_new_tokens)
 
     stats = {"rows": len(rows) + dropped, "rows_dropped": dropped, "train_rows": len(train_idx),
-             "eval_rows": len(eval_idx), "train_sequences": len(train_examples),
-             "train_truncated": train_cut, "eval_truncated": eval_cut}
+             "eval_rows": len(eval_idx), "train_examples": len(train_idx),
+             "train_sequences": len(train_examples),
+             "train_truncated": train_cut, "eval_truncated": eval_cut,
+             "eval_prompts_truncated": prompts_cut,
+             "eval_references_over_max_new_tokens": long_references}
     log.info("data: %s; labels %s", stats, labels)
     return PreparedData(
         train=_to_dataset(train_examples),
         eval=_to_dataset(eval_examples),
         eval_prompts=eval_prompts,
+        eval_prompt_ids=prompt_ids,
         eval_references=eval_references,
         labels=labels,
         labels_note=labels_note,
+        end_of_answer_ids=end_of_answer,
         num_train_tokens=num_train_tokens,
         stats=stats,
     )
-
-
-# ---------------------------------------------------------------------------- collate
-
-
-@dataclass
-class PadCollator:
-    """Right-pads input_ids (pad id), attention_mask (0) and labels (-100) to the longest."""
-
-    pad_token_id: int
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        import torch
-
-        longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
-        for f in features:
-            ids = list(f["input_ids"])
-            pad = longest - len(ids)
-            mask = list(f["attention_mask"]) if "attention_mask" in f else [1] * len(ids)
-            labels = list(f["labels"]) if "labels" in f else list(ids)
-            batch["input_ids"].append(ids + [self.pad_token_id] * pad)
-            batch["attention_mask"].append(mask + [0] * pad)
-            batch["labels"].append(labels + [IGNORE_INDEX] * pad)
-        return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
-
-
-def make_collator(tokenizer: Any, pad_to_multiple_of: int | None = None) -> Callable[..., Any]:
-    """The batch collator for `PreparedData.train`/`.eval`; pads on the right."""
-    pad_id = tokenizer.pad_token_id
-    if pad_id is None:
-        # The pad value never reaches the loss (labels are -100 there) or attention (mask 0).
-        pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return PadCollator(pad_id, pad_to_multiple_of)

@@ -88,7 +88,9 @@ RUN_COLUMNS: dict[str, pa.DataType] = {
     "worker_pid": pa.int64(),
     # training
     "train_seconds": pa.float64(),
-    "train_steps": pa.int32(),
+    "train_steps": pa.int32(),  # optimizer steps: packing makes fewer, fuller ones per epoch
+    "train_examples": pa.int32(),  # training rows (examples) per epoch
+    "train_sequences": pa.int32(),  # sequences they became (fewer than examples when packed)
     "train_tokens": pa.int64(),
     "tokens_per_second": pa.float64(),
     "train_loss": pa.float64(),
@@ -132,12 +134,14 @@ RUN_COLUMNS: dict[str, pa.DataType] = {
     "similarity_score_before": pa.float64(),
     "accuracy": pa.float64(),
     "accuracy_before": pa.float64(),
+    "accuracy_majority": pa.float64(),  # always answering the eval split's most common label
     "f1": pa.float64(),
     "f1_before": pa.float64(),
     "eval_loss": pa.float64(),
     "eval_loss_before": pa.float64(),
     "eval_samples": pa.int32(),
     "labels": pa.string(),
+    "labels_note": pa.string(),  # why there is no label set (eval.labels: auto on free text)
     "eval_seconds": pa.float64(),
     "adapter_path": pa.string(),
     # provenance

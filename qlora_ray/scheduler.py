@@ -630,18 +630,20 @@ def _hms(seconds: float | None) -> str:
 
 
 def print_summary(rows: list[dict[str, Any]], out: Any) -> None:
-    header = ("name", "status", "train time", "peak GiB", "source", "similarity before -> after", "accuracy")
+    header = ("name", "status", "train time", "peak GiB", "source", "similarity before -> after",
+              "accuracy", "majority")
     lines = []
     for r in rows:
         peak = r.get("peak_memory_bytes")
         sim = r.get("similarity_score")
         before = r.get("similarity_score_before")
         acc = r.get("accuracy")
+        majority = r.get("accuracy_majority")
         lines.append((
             r["name"], r["status"], _hms(r.get("train_seconds")),
             f"{peak / 2**30:.2f}" if peak else "-", r.get("memory_source") or "-",
             (f"{before:.3f} -> " if before is not None else "") + (f"{sim:.3f}" if sim is not None else "-"),
-            f"{acc:.2f}" if acc is not None else "-",
+            f"{acc:.2f}" if acc is not None else "-", f"{majority:.2f}" if majority is not None else "-",
         ))
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=False)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)

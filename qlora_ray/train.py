@@ -106,7 +106,9 @@ def make_trainer(
         disable_tqdm=True,
         dataloader_num_workers=0,
         remove_unused_columns=False,
-        include_num_input_tokens_seen="non_padding",
+        # Packed batches come as one row without padding (or an attention mask to count by):
+        # every token is real. Unpacked ones are counted by their attention mask.
+        include_num_input_tokens_seen="all" if cfg.dataset.packing else "non_padding",
     )
     trainer = Trainer(
         model=model,
@@ -137,9 +139,3 @@ def train(trainer: Trainer) -> TrainResult:
         loss_last=losses[-1] if losses else None,
         log_history=list(trainer.state.log_history),
     )
-
-
-def eval_loss(trainer: Trainer) -> float | None:
-    metrics = trainer.evaluate()
-    value = metrics.get("eval_loss")
-    return float(value) if value is not None else None

@@ -170,15 +170,18 @@ def _run_phases(
             or cfg.model.attn_implementation
         row.update(trainable_params=loaded.trainable_params, total_params=loaded.total_params,
                    optim_effective=str(trainer.args.optim.value),
-                   labels=",".join(data.labels or []) or None, eval_samples=len(data.eval_prompts))
+                   labels=",".join(data.labels or []) or None, labels_note=data.labels_note,
+                   eval_samples=len(data.eval_prompts),
+                   train_examples=data.stats["train_examples"],
+                   train_sequences=data.stats["train_sequences"])
         if cfg.eval.before and not evaluated_before:
             # LoRA's B matrices start at zero, so this is the base model's own behaviour.
             state["phase"] = "eval"
-            before = _evaluate(ev, loaded, data, cfg, embedder, "before")
+            before = _evaluate(ev, loaded, data, cfg, embedder, "before", device, compute_dtype)
             samples.extend(before.samples)
             row.update(similarity_score_before=before.similarity_score,
                        accuracy_before=before.accuracy, f1_before=before.f1,
-                       eval_loss_before=_finite(training.eval_loss(trainer)))
+                       eval_loss_before=_finite(before.eval_loss))
             evaluated_before = True
         state["phase"] = "train"
         probe.reset()
@@ -204,21 +207,25 @@ def _run_phases(
                train_loss_first=result.loss_first, train_loss_last=result.loss_last)
 
     state["phase"] = "eval"
-    after = _evaluate(ev, loaded, data, cfg, embedder, "after")
+    after = _evaluate(ev, loaded, data, cfg, embedder, "after", device, compute_dtype)
     row["embedder_revision"] = embedder.commit  # the commit a fixed embedder's files came from
     samples.extend(after.samples)
     row.update(similarity_score=after.similarity_score, accuracy=after.accuracy, f1=after.f1,
-               eval_loss=_finite(training.eval_loss(trainer)), eval_seconds=after.seconds)
+               accuracy_majority=after.majority_accuracy, eval_loss=_finite(after.eval_loss),
+               eval_seconds=after.seconds)
     if cfg.train.save_adapter and results:
         state["phase"] = "save"
         row["adapter_path"] = save_adapter(loaded.model, results, spec_name, experiment_id)
 
 
-def _evaluate(ev: Any, loaded: Any, data: Any, cfg: ExperimentConfig, embedder: Any, phase: str) -> Any:
+def _evaluate(ev: Any, loaded: Any, data: Any, cfg: ExperimentConfig, embedder: Any, phase: str,
+              device: Any, compute_dtype: str) -> Any:
     return ev.evaluate(
-        loaded.model, loaded.tokenizer, data.eval_prompts, data.eval_references, data.labels,
+        loaded.model, loaded.tokenizer, data,
         max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
         embedder=embedder, phase=phase,
+        # The autocast training ran under (mixed precision on CUDA), in both phases alike.
+        autocast_dtype=compute_dtype if device.kind == "cuda" else None,
     )
 
 

@@ -40,6 +40,7 @@ def row(name: str, **values: Any) -> dict[str, Any]:
         "predicted_peak_bytes": int(4.95 * GIB),
         "similarity_score": 0.040, "similarity_score_before": 0.412,
         "accuracy": 0.81, "accuracy_before": 0.33, "f1": 0.79, "f1_before": 0.21,
+        "accuracy_majority": 0.34, "train_examples": 336, "train_sequences": 336,
         "eval_loss": 0.84, "eval_samples": 64, "labels": "negative,neutral,positive",
         "qlora_ray_version": "0.1.0", "python_version": "3.11.9", "torch_version": "2.8.0",
         "git_commit": "5fb6629", "image": "ghcr.io/example/qlora-ray:0.1.0",
@@ -55,7 +56,7 @@ def failed(name: str, status: str, error: str, **values: Any) -> dict[str, Any]:
         "train_seconds", "train_steps", "train_tokens", "tokens_per_second", "train_loss",
         "peak_memory_bytes", "memory_source", "peak_cuda_allocated_bytes", "peak_cuda_reserved_bytes",
         "similarity_score", "similarity_score_before", "accuracy", "accuracy_before", "f1",
-        "f1_before", "eval_loss", "eval_samples", "labels", "finished_at",
+        "f1_before", "accuracy_majority", "eval_loss", "eval_samples", "labels", "finished_at",
     ])
     return row(name, status=status, error=error, **{**nulls, **values})
 

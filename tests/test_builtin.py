@@ -166,6 +166,31 @@ def test_pretrained_model_predicts_the_corpus_better_than_a_random_init(tiny_dir
     assert trained < 0.5 * untrained, (trained, untrained)
 
 
+def test_a_label_token_can_win_over_its_space_prefixed_twin(tiny_dir, tokenizer):
+    """Issue 16 item 7: the answers are tokenized at the start of a line (`negative`), a form
+    the corpus never shows, so those tokens start from their `Ġnegative` twin. With tied
+    embeddings an exact copy gives both the same logit for every hidden state: the label's
+    probability could never pass 1/2 (its loss never below ln 2) and greedy decoding picked
+    the twin. The best any final hidden state can do must beat that floor."""
+    import math
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    head = AutoModelForCausalLM.from_pretrained(tiny_dir).get_output_embeddings().weight.detach()
+    for label in ("negative", "neutral", "positive"):
+        own, twin = tokenizer.convert_tokens_to_ids([label, "Ġ" + label])
+        assert not torch.equal(head[own], head[twin])
+        hidden = torch.zeros(head.shape[1], requires_grad=True)
+        optimizer = torch.optim.Adam([hidden], lr=0.05)
+        for _ in range(300):  # the most favourable hidden state for the label token
+            loss = -torch.log_softmax(head @ hidden, dim=0)[own]
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        assert float(loss) < 0.5 * math.log(2), (label, float(loss))
+
+
 # ---------------------------------------------------------------------------- the cache
 
 BUILD_SCRIPT = """

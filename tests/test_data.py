@@ -5,6 +5,7 @@ Uses the builtin tiny-llama tokenizer (built once per machine in the default cac
 
 from __future__ import annotations
 
+import itertools
 import json
 import runpy
 from collections import Counter
@@ -141,6 +142,51 @@ def test_chat_template_wraps_the_prompt_without_a_second_bos(tokenizer):
         assert response_part(example)[-1] == tokenizer.eos_token_id
 
 
+def test_chat_answers_end_with_the_templates_end_of_turn(tokenizer):
+    """Issue 16 item 6: with a chat template an answer ends the way the template closes an
+    assistant turn (Gemma `<end_of_turn>`), not with the eos token, and that is a stop token."""
+    import copy
+
+    gemma = copy.deepcopy(tokenizer)
+    gemma.add_tokens(["<start_of_turn>", "<end_of_turn>"], special_tokens=True)
+    gemma.chat_template = (
+        "{{ bos_token }}{% for m in messages %}{{ '<start_of_turn>' + ('model' if m['role'] == "
+        "'assistant' else m['role']) + '\n' + m['content'] + '<end_of_turn>\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}")
+    end_of_turn = gemma.convert_tokens_to_ids("<end_of_turn>")
+    data = prepare_data(config(chat_template=True), gemma)
+    assert data.eval_prompts[0].endswith("<end_of_turn>\n<start_of_turn>model\n")
+    for example in list(data.train) + list(data.eval):
+        assert response_part(example)[-1] == end_of_turn
+        assert gemma.eos_token_id not in response_part(example)
+    assert data.end_of_answer_ids == [end_of_turn]
+    # the built-in template closes a turn with its eos token
+    assert prepare_data(config(chat_template=True), tokenizer).end_of_answer_ids == [tokenizer.eos_token_id]
+
+
+def test_generation_prompts_are_cut_like_training_prompts(tokenizer):
+    """Issue 16 item 8: training prompts were cut to max_seq_len, eval prompts never."""
+    data = prepare_data(config(**{"train.max_seq_len": 24, "eval.max_new_tokens": 8}), tokenizer)
+    cue = tokenizer("\n### Response:\n", add_special_tokens=False)["input_ids"]
+    for ids, text in zip(data.eval_prompt_ids, data.eval_prompts, strict=True):
+        assert len(ids) <= 24 - 8 and ids[0] == tokenizer.bos_token_id and ids[-len(cue):] == cue
+        assert text == tokenizer.decode(ids)  # the sample shows what the model saw
+    assert data.stats["eval_prompts_truncated"] > 0
+    whole = prepare_data(config(), tokenizer)
+    assert whole.stats["eval_prompts_truncated"] == 0
+    assert [tokenizer.decode(ids) for ids in whole.eval_prompt_ids] == whole.eval_prompts
+
+
+@pytest.mark.parametrize("spec", ["quickstart.yaml", "example.yaml"])
+def test_shipped_specs_generate_long_enough_for_every_reference(tokenizer, spec):
+    """Issue 16 item 8: the quickstart's max_new_tokens: 8 cut 20% of the summaries short."""
+    from qlora_ray.grid import load_spec
+
+    cell = load_spec(ROOT / "experiments" / spec).cells[0]
+    data = prepare_data(cell, tokenizer)
+    assert data.stats["eval_references_over_max_new_tokens"] == 0, cell.eval.max_new_tokens
+
+
 # ------------------------------------------------------------------------------ split
 
 
@@ -219,6 +265,37 @@ def test_packing_keeps_every_token_and_its_label_in_order(tokenizer):
     assert flat(packed.train["labels"]) == flat(plain.train["labels"])
     assert packed.num_train_tokens == plain.num_train_tokens
     assert packed.eval["input_ids"] == plain.eval["input_ids"]  # eval is never packed
+    assert packed.stats["train_examples"] == plain.stats["train_examples"] == len(plain.train)
+    assert packed.stats["train_sequences"] == len(packed.train)
+    # positions restart at every example, so each one is where it would be alone
+    first = packed.train[0]
+    starts = [i for i, pos in enumerate(first["position_ids"]) if pos == 0]
+    assert len(starts) > 1 and first["input_ids"][starts[1]] == tokenizer.bos_token_id
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_packed_example_sees_only_itself(tokenizer, attn):
+    """Issue 16 item 4: the logits of an example inside a packed batch are those of the same
+    example run alone (no attention across the example boundary, positions from 0)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_ray.builtin import ensure_builtin
+
+    model = AutoModelForCausalLM.from_pretrained(ensure_builtin("builtin:tiny-llama"),
+                                                 attn_implementation=attn).eval()
+    data = prepare_data(config(packing=True, **{"train.max_seq_len": 96}), tokenizer)
+    batch = make_collator(tokenizer)([data.train[0], data.train[1]])  # two packed sequences
+    assert "attention_mask" not in batch  # transformers builds the block mask from positions
+    ids, positions = batch["input_ids"][0], batch["position_ids"][0].tolist()
+    starts = [i for i, pos in enumerate(positions) if pos == 0] + [len(positions)]
+    assert len(starts) >= 4  # at least two examples from each of the two sequences
+    with torch.no_grad():
+        # As in training: transformers looks for packed positions only without a KV cache.
+        packed_logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits[0]
+        for a, b in itertools.pairwise(starts):
+            alone = model(input_ids=ids[a:b].unsqueeze(0)).logits[0]
+            torch.testing.assert_close(packed_logits[a:b], alone, rtol=1e-4, atol=1e-4)
 
 
 def test_collator_pads_right_with_pad_id_zero_mask_and_ignored_labels(tokenizer):

@@ -102,6 +102,11 @@ def test_report_prints_every_cell_with_the_seed_tables_numbers(
     assert (a100["Peak vs baseline"], a100["Card size ratio"]) == ("0.50x", "1.00x")
     assert rows["int8-r8-bs2-T4"]["Card size ratio"] == "0.38x"  # 15360 / 40960 MiB
     assert rows["qlora-r8-bs2-L4"]["Batch x accum"] == "2 x 2"
+    # accuracy beside the floor of always answering the most common label; steps beside epochs
+    assert (base["Accuracy / F1"], base["Majority"]) == ("0.810 / 0.790", "0.340")
+    assert base["Epochs"] == "3 (300 steps)"
+    assert rows["qlora-r64-bs16-T4"]["Majority"] == "—"
+    assert "Majority: the accuracy of always answering" in out
     # predicted vs measured: (predicted - measured) / measured
     assert base["Predicted GiB (error)"] == "11.40 (-5%)"
     assert a100["Predicted GiB (error)"] == "6.60 (+10%)"
@@ -203,6 +208,8 @@ def test_csv_has_the_tables_numbers_unformatted(spec_dir: Path, capsys: pytest.C
     assert df.loc["qlora-r8-bs2-L4", "card_size_ratio"] == pytest.approx(23034 / 40960, abs=1e-3)
     assert df.loc["qlora-r8-bs4-A100-40G", "predicted_error_pct"] == pytest.approx(10.0, abs=0.1)
     assert df.loc["qlora-r16-bs2-T4", "train_time"] == "1:15:53"
+    assert df.loc["qlora-r16-bs2-T4", "accuracy_majority"] == pytest.approx(0.34)
+    assert df.loc["qlora-r16-bs2-T4", "train_steps"] == 300
     assert df.loc["lora16-r8-bs4-T4", "status"] == "oom"
     assert "Tried to allocate" in df.loc["lora16-r8-bs4-T4", "error"]
 
@@ -422,3 +429,15 @@ def test_the_prediction_error_compares_training_with_training(tmp_path: Path,
     assert code == 0
     assert df.loc["eval-heavy", "predicted_error_pct"] == pytest.approx(10.0, abs=0.1)
     assert df.loc["old-row", "predicted_error_pct"] == pytest.approx(20.0, abs=0.1)
+
+
+def test_run_summary_shows_accuracy_beside_the_majority_baseline() -> None:
+    """The table `qlora-ray run` ends with: accuracy next to always answering the top label."""
+    from qlora_ray.scheduler import print_summary
+
+    out = StringIO()
+    print_summary([row("a", accuracy=0.8, accuracy_majority=0.35), row("b", accuracy=None, accuracy_majority=None)],
+                  out)
+    lines = out.getvalue().strip().splitlines()
+    assert lines[0].split()[-2:] == ["accuracy", "majority"]
+    assert lines[2].split()[-2:] == ["0.80", "0.35"] and lines[3].split()[-2:] == ["-", "-"]

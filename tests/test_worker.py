@@ -143,6 +143,22 @@ def test_training_lowers_the_held_out_loss(ok_run):
     assert row["eval_loss"] < row["eval_loss_before"] - 0.1
 
 
+def test_packed_and_unpacked_cells_report_steps_examples_and_the_same_tokens():
+    """Issue 16 item 4: packing trains on the same tokens in fewer, fuller optimizer steps;
+    the row says how many, so a packed and an unpacked cell compare."""
+    rows = {}
+    for packing in (False, True):
+        rows[packing] = run(fast(**{"dataset.packing": packing, "dataset.max_train_samples": 12,
+                                    "train.max_steps": None, "train.epochs": 1,
+                                    "train.max_seq_len": 128, "eval.before": False})).row
+        assert rows[packing]["status"] == "ok", rows[packing]["error"]
+    plain, packed = rows[False], rows[True]
+    assert plain["train_examples"] == packed["train_examples"] == 12
+    assert plain["train_sequences"] == 12 and packed["train_sequences"] <= 6
+    assert plain["train_steps"] == 6 and packed["train_steps"] == -(-packed["train_sequences"] // 2)
+    assert packed["train_tokens"] == plain["train_tokens"]  # every real token, no padding
+
+
 # ------------------------------------------------------------------------------ failures
 
 
