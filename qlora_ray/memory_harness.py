@@ -8,8 +8,8 @@ layers at the config's real width (random weights, saved to a temp folder, so no
 -> `modeling.load` (bitsandbytes 4/8-bit on load, k-bit preparation, checkpointing, PEFT)
 -> `train.make_trainer` and `trainer.train()` for a few optimizer steps on rows that fill
 `train.max_seq_len` (the worst batch the run can draw), under the Trainer's own bf16
-autocast as on a GPU -> the eval path (`evaluate.evaluate` and `train.eval_loss`) on
-prompts of `eval_prompt_tokens`. `benchmarks/memory_harness.py` sweeps it and compares the
+autocast as on a GPU -> the eval path (`evaluate.evaluate`: generation, embedding, eval
+loss) on prompts of `eval_prompt_tokens`. `benchmarks/memory_harness.py` sweeps it and compares the
 estimator (`qlora_ray.memory`) with it; docs/memory.md has the results.
 
 How bytes are counted. A `TorchDispatchMode` sees the outputs of every aten op (forward,
@@ -330,7 +330,7 @@ def measure(
     from qlora_ray import evaluate as ev
     from qlora_ray import modeling
     from qlora_ray import train as training
-    from qlora_ray.data import make_collator
+    from qlora_ray.data import PreparedData, make_collator
     from qlora_ray.device import Device
 
     bs = cfg.train.batch_size
@@ -381,10 +381,17 @@ def measure(
                 prompts = [" ".join(f"w{(i * 7 + j) % 500}" for j in range(prompt_len))
                            for i in range(cfg.eval.batch_size)]
                 refs = [" ".join(f"w{j}" for j in range(4))] * len(prompts)
-                ev.evaluate(loaded.model, loaded.tokenizer, prompts, refs, None,
-                            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-                            embedder=ev.Embedder("self", "cpu"), phase="after")
-                training.eval_loss(trainer)
+                tok = loaded.tokenizer
+                data = PreparedData(
+                    train=train_ds, eval=eval_ds, eval_prompts=prompts,
+                    eval_prompt_ids=tok(prompts, add_special_tokens=False)["input_ids"],
+                    eval_references=refs, labels=None, labels_note=None,
+                    end_of_answer_ids=[tok.eos_token_id], num_train_tokens=0)
+                # Generation, embedding and the eval loss, under the autocast the worker
+                # uses on a GPU for this compute dtype.
+                ev.evaluate(loaded.model, tok, data, max_new_tokens=cfg.eval.max_new_tokens,
+                            batch_size=cfg.eval.batch_size, embedder=ev.Embedder("self", "cpu"),
+                            phase="after", autocast_dtype=compute)
             eval_seconds = time.perf_counter() - t0
             eval_peak, eval_top = counter.peak, counter.composition_at_peak()
         del trainer, loaded

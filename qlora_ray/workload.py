@@ -20,7 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from qlora_ray.config import BUILTIN_PREFIX, ConfigError, DatasetConfig, ExperimentConfig, ModelConfig
-from qlora_ray.data import PromptFormatter, check_rows, encode, pack, split_indices
+from qlora_ray.data import (
+    PromptFormatter,
+    check_rows,
+    encode,
+    generation_prompts,
+    label_set,
+    label_strata,
+    pack,
+    split_indices,
+)
 from qlora_ray.datacheck import is_local, read_rows
 from qlora_ray.throughput import expected_batch_max
 
@@ -161,13 +170,15 @@ def read_local_rows(path: str) -> list[dict[str, Any]] | None:
 
 @functools.lru_cache(maxsize=64)
 def _cached(model: ModelConfig, d: DatasetConfig, max_len: int, eval_max: int | None,
-            search: tuple[str, ...]) -> DataLengths | None:
+            search: tuple[str, ...], labels_setting: tuple[str, ...] | str = "auto",
+            max_new_tokens: int = 0) -> DataLengths | None:
     rows = read_local_rows(d.path)
     if rows is None:
         return None
     rows, _ = check_rows(rows, d)
     answers = [str(row[d.response_field]) for row in rows]
-    train_idx, eval_idx = split_indices(len(rows), d.eval_size, d.split_seed)
+    labels, _ = label_set(labels_setting, answers)  # the worker stratifies the split on them
+    train_idx, eval_idx = split_indices(len(rows), d.eval_size, d.split_seed, label_strata(answers, labels))
     if d.max_train_samples is not None:
         train_idx = train_idx[: d.max_train_samples]
     if eval_max is not None:
@@ -185,9 +196,10 @@ def _cached(model: ModelConfig, d: DatasetConfig, max_len: int, eval_max: int | 
     def sizes(texts: list[str]) -> tuple[int, ...]:
         return tuple(sorted(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]))
 
+    prompt_ids, _ = generation_prompts(tokenizer, prompts, max_len, max_new_tokens)  # cut like the worker's
     return DataLengths(
         train=tuple(sorted(len(ex["input_ids"]) for ex in train)),
-        eval_prompts=sizes(prompts),
+        eval_prompts=tuple(sorted(len(ids) for ids in prompt_ids)),
         eval_examples=tuple(sorted(len(ex["input_ids"]) for ex in examples)),
         references=sizes(references),
         estimated=tokenizer.backend is None,
@@ -203,7 +215,7 @@ def data_lengths(cfg: ExperimentConfig, search: Sequence[str | Path] = ()) -> Da
     """
     try:
         return _cached(cfg.model, cfg.dataset, cfg.train.max_seq_len, cfg.eval.max_samples,
-                       tuple(str(s) for s in search))
+                       tuple(str(s) for s in search), cfg.eval.labels, cfg.eval.max_new_tokens)
     except ConfigError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
