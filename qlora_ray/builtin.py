@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 TINY_LLAMA = f"{BUILTIN_PREFIX}tiny-llama"
 CACHE_ENV = "QLORA_RAY_CACHE"
 # Bump when the recipe changes in a way the settings below do not capture (e.g. the loop).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 SPECIAL_TOKENS = ("<unk>", "<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>")
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3  # special tokens come first in the vocab, in order
@@ -377,8 +377,9 @@ def _init_unseen_from_twins(model: Any, tokenizer: Any, blocks: Any) -> int:
         twin = vocab.get("Ġ" + token)
         return twin if twin is not None and twin in seen and token not in SPECIAL_TOKENS else None
 
-    both = [(idx, twin) for token, idx in vocab.items()
-            if idx in seen and (twin := twin_of(token)) is not None]
+    # In id order: get_vocab's order varies between processes, and so would the mean's last bits.
+    both = sorted((idx, twin) for token, idx in vocab.items()
+                  if idx in seen and (twin := twin_of(token)) is not None)
     copied = 0
     with torch.no_grad():
         offset = torch.stack([weight[i] - weight[t] for i, t in both]).mean(0) if both else 0.0
