@@ -9,9 +9,10 @@ hidden state over non-padding tokens, take 1 - cosine similarity, and average ov
 rows. Lower is better; 0 means identical embeddings. With `embedder: self` the embedder
 is the evaluated model with its adapter disabled, i.e. the base model as loaded (same
 quantization), so the before and after scores of a cell use one ruler; across cells of
-different quantizations the ruler differs slightly (measured on the built-in model: at
-most about 0.006 between fp32, bf16 and NF4 on identical pairs), which a fixed embedder
-(a model path) removes. The embedding runs the decoder body only: no LM head, no
+different quantizations the ruler differs slightly (on identical pairs the built-in
+model's mean score moves by about 0.01 between NF4 and fp32/bf16, 0.0004 between fp32
+and bf16, single pairs by up to 0.05: benchmarks/similarity_ruler.py), which a fixed
+embedder (a model path) removes. The embedding runs the decoder body only: no LM head, no
 per-layer hidden states.
 
 Every number is computed the same way before and after training: in eval mode, without

@@ -368,9 +368,10 @@ def explain(report: Report, where: str | None) -> list[str]:
     embedders = set(df["embedder"].dropna())
     if "self" in embedders:
         notes.append("Embedder `self`: each cell embeds with its own base model (adapter off), so its "
-                     "before and after share one ruler; across quantizations the base differs a "
-                     "little (at most about 0.006 between fp32, bf16 and NF4 on identical pairs, "
-                     "measured on the built-in model), which a fixed `eval.similarity.embedder` removes.")
+                     "before and after share one ruler; across quantizations the ruler differs a "
+                     "little (on identical pairs the built-in model's mean score moves by about "
+                     "0.01 between NF4 and fp32/bf16, single pairs by up to 0.05; "
+                     "benchmarks/similarity_ruler.py), which a fixed `eval.similarity.embedder` removes.")
     if df["accuracy"].notna().any():
         notes.append("Accuracy: the label found earliest in the answer (as a whole word) against the "
                      "reference label. Majority: the accuracy of always answering the eval split's "

@@ -294,8 +294,11 @@ def test_the_quickstart_qlora_cell_learns():
 
     row = run_experiment(cell, num_threads=2).row
     assert row["status"] == "ok", row["error"]
+    # Both scores by the same ruler (the base model): measured 0.833 -> 0.246.
     assert row["similarity_score"] < row["similarity_score_before"] - 0.3
-    assert row["accuracy"] >= 0.6  # three balanced labels: chance is 1/3
+    # Measured 1.00 against 0.35 for always answering the most common label.
+    assert row["accuracy"] >= row["accuracy_majority"] + 0.3
+    assert row["accuracy_majority"] < 0.4  # the stratified eval split is balanced (15/14/14)
     assert row["accuracy_before"] < 0.2  # the base model does not answer in the format
 
 
