@@ -441,3 +441,25 @@ def test_run_summary_shows_accuracy_beside_the_majority_baseline() -> None:
     lines = out.getvalue().strip().splitlines()
     assert lines[0].split()[-2:] == ["accuracy", "majority"]
     assert lines[2].split()[-2:] == ["0.80", "0.35"] and lines[3].split()[-2:] == ["-", "-"]
+
+
+def test_report_notes_say_what_the_ruler_and_the_floor_are(tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 16 items 1, 3, 5: under the table, the report says that `embedder: self` is each
+    cell's own base model (one ruler before and after, differing a little across
+    quantizations), what `Majority` is, and why a cell has no accuracy."""
+    note = ("eval.labels auto: no label set (fewer than two short answers repeat 3+ times); "
+            "set `eval.labels` to the list of labels to score accuracy/F1")
+    spec = write_rows(str(tmp_path / "results"), [
+        row("labelled"),
+        row("free-text", accuracy=None, f1=None, accuracy_majority=None, labels=None, labels_note=note),
+    ])
+    code, out, _ = run_report(capsys, spec)
+    assert code == 0
+    assert "Embedder `self`: each cell embeds with its own base model (adapter off)" in out
+    assert "across quantizations the ruler differs" in out
+    assert "Majority: the accuracy of always answering" in out
+    assert f"No accuracy: {note}." in out
+    fixed = write_rows(str(tmp_path / "fixed"), [row("fixed", embedder="/models/e5-small")])
+    code, out, _ = run_report(capsys, fixed)
+    assert code == 0 and "Embedder `self`" not in out
