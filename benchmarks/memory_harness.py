@@ -82,6 +82,11 @@ POINTS: dict[str, tuple[str, dict[str, Any], bool, bool]] = {
     "tinyllama-seq4096-no-ckpt": (TINYLLAMA, {"train.max_seq_len": 4096,
                                               "train.gradient_checkpointing": False}, False, False),
     "tinyllama-seq4096-16bit": (TINYLLAMA, {"train.max_seq_len": 4096, "quant.bits": 16}, False, False),
+    # The eval pass (evaluate.evaluate: generation, similarity embedding, eval loss) after training.
+    "llama2-eval": (LLAMA2, {}, False, True),
+    "tinyllama-eval-batch16-seq1024": (TINYLLAMA, {"eval.batch_size": 16, "train.max_seq_len": 1024},
+                                       False, True),
+    "llama31-eval": ("meta-llama/Llama-3.1-8B-Instruct", {}, False, True),
 }
 
 
@@ -149,8 +154,11 @@ def compare(results: dict[tuple[str, int], dict[str, Any]] | None = None) -> lis
         full = model_config(model)
         cfg = cell(overrides)
         s = cfg.train.max_seq_len
-        shape = Shape(train_seq=s, eval_prompt=s - max(1, min(s // 8, 32)), eval_seq=s, reference=4,
-                      masked=padded)
+        # The harness's eval rows end in an answer of `answer` tokens, and its prompts are the
+        # rest of the row (memory_harness.measure); the estimator's `reference` is the
+        # answer without its end-of-answer token.
+        answer = max(1, min(s // 8, 32))
+        shape = Shape(train_seq=s, eval_prompt=s - answer, eval_seq=s, reference=answer - 1, masked=padded)
         layers = architecture(full).layers
 
         def est(depth: int, cfg: ExperimentConfig = cfg, full: dict[str, Any] = full,
@@ -175,8 +183,12 @@ def compare(results: dict[tuple[str, int], dict[str, Any]] | None = None) -> lis
         row.update(harness_train=train, estimate_train=ef.train_bytes, train_error=ef.train_bytes / train - 1,
                    moment=ef.train_moment)
         if with_eval:
-            ev = extrapolate("eval_peak_bytes")
-            row.update(harness_eval=ev, estimate_eval=ef.eval_bytes, eval_error=ef.eval_bytes / ev - 1)
+            # Compared at 1 and 2 layers, not extrapolated: the eval keeps a fixed number of
+            # residual-stream tensors alive whatever the depth (the embeddings, the layer's
+            # input, its attention output), which a per-layer extrapolation would multiply.
+            row["eval_errors"] = [e.eval_bytes / m["eval_peak_bytes"] - 1 for e, m in ((e1, one), (e2, two))]
+            row.update(harness_eval=two["eval_peak_bytes"], estimate_eval=e2.eval_bytes,
+                       eval_moment=e2.eval_moment)
         rows.append(row)
     return rows
 
@@ -184,7 +196,7 @@ def compare(results: dict[tuple[str, int], dict[str, Any]] | None = None) -> lis
 def errors(row: dict[str, Any]) -> list[float]:
     """Every comparison one point makes: each moment at 1 and 2 layers, full depth, eval."""
     out = [*row["loss_errors"], *row["layer_errors"], row["train_error"]]
-    return out + ([row["eval_error"]] if "eval_error" in row else [])
+    return out + row.get("eval_errors", [])
 
 
 def table(markdown: bool) -> None:
@@ -204,9 +216,9 @@ def table(markdown: bool) -> None:
                  f"{r['train_error']:+.1%}", r["moment"],
                  " / ".join(f"{e:+.1%}" for e in r["loss_errors"]),
                  " / ".join(f"{e:+.1%}" for e in r["layer_errors"])]
-        if "eval_error" in r:
-            cells[5] += (f"; eval {r['harness_eval'] / 2**30:.2f} vs {r['estimate_eval'] / 2**30:.2f} "
-                         f"({r['eval_error']:+.1%})")
+        if "eval_errors" in r:
+            cells[5] += (f"; eval ({r['eval_moment']}) at 1 / 2 layers "
+                         + " / ".join(f"{e:+.1%}" for e in r["eval_errors"]))
         print("| " + " | ".join(cells) + " |" if markdown else "  ".join(f"{c:>14}" for c in cells))
     full = [abs(r["train_error"]) for r in rows]
     print(f"\n{len(rows)} points, {len(every)} comparisons: mean |error| {sum(every) / len(every):.1%}, "

@@ -50,7 +50,9 @@ class BatchShape:
 def worst_case(cfg: ExperimentConfig) -> BatchShape:
     """Every row `max_seq_len` long: what planning assumes without data."""
     s = cfg.train.max_seq_len
-    return BatchShape(train_seq=s, eval_prompt=s, eval_seq=s, reference=s, source="worst case")
+    # Eval prompts are cut to leave room for the generated tokens (encoding.generation_prompts).
+    return BatchShape(train_seq=s, eval_prompt=max(1, s - cfg.eval.max_new_tokens), eval_seq=s, reference=s,
+                      source="worst case")
 
 
 def batch_shape(cfg: ExperimentConfig, lengths: DataLengths | None, batch_size: int) -> BatchShape:

@@ -113,7 +113,8 @@ class Shape:
 
 def worst_case_shape(cfg: ExperimentConfig) -> Shape:
     s = cfg.train.max_seq_len
-    return Shape(train_seq=s, eval_prompt=s, eval_seq=s, reference=s)
+    # Eval prompts are cut to leave room for the generated tokens (encoding.generation_prompts).
+    return Shape(train_seq=s, eval_prompt=max(1, s - cfg.eval.max_new_tokens), eval_seq=s, reference=s)
 
 
 # ---------------------------------------------------------------------------------------
@@ -482,27 +483,61 @@ class _Model:
     # -- eval -----------------------------------------------------------------------
 
     def eval_moments(self, rows: int, shape: Shape) -> dict[str, dict[str, int]]:
-        """The eval pass as evaluate.py runs it (see its docstring)."""
+        """The eval pass as evaluate.py runs it (its docstring lists what is alive at the
+        peak): every part under autocast in the compute dtype, without gradients, one
+        decoder layer's activations at a time."""
         a, cb, rb = self.arch, self.cb, self.rb
         h, inter, L = a.hidden, a.intermediate * a.experts_per_token, a.layers
         new = self.cfg.eval.max_new_tokens
-        # Generation runs outside autocast: q/k/v (and the KV cache) come out of 4/8-bit
-        # layers in the residual stream's dtype.
+        # q/k/v (and so the KV cache) come out of 4/8-bit layers in their input's dtype, the
+        # fp32 residual's after k-bit preparation; a 16-bit Linear under autocast gives cb.
         kvb = self.linear_out(rb) if self.bits != 16 else self.cb
+        # Autocast casts an fp32 lm_head to 16 bits at every call and, without gradients,
+        # does not cache the copy: it lives while the logits are made.
+        head = a.vocab * h * cb if self.ub != cb and self.autocast else 0
+        # Rows of unequal length are left-padded: transformers' bool mask and the float bias
+        # SDPA makes of it, for the layer running.
+        masked = rows > 1
+
+        def mask(seq: int) -> int:
+            return rows * seq * seq * (1 + cb) if masked else 0
+
+        def layer(tokens: int, width: int) -> float:
+            # The MLP's product: act(gate), up and their product in the projections' output
+            # width, beside the residual stream's tensors: the embeddings (the model's forward
+            # still holds them), the layer's input (the embeddings themselves in layer 0), its
+            # attention output added in and the MLP's normed input.
+            return tokens * (3 * inter * width + (4 if L > 1 else 3) * h * rb)
+
+        def head_input(tokens: int) -> float:
+            # At the LM head the decoder has returned: only the final norm's output is left.
+            return tokens * h * rb
+
         prompt = shape.eval_prompt
         kv_cache = 2 * L * rows * a.kv_dim * (prompt + new) * kvb
-        prefill = rows * prompt * (3 * inter * kvb + 4 * h * rb + (a.q_dim + 2 * a.kv_dim) * kvb)
-        generate = {"kv_cache": kv_cache, "activations": prefill, "logits": rows * a.vocab * 8}
-        # Eval loss: one forward of eval.batch_size rows under autocast, no grad: the 16-bit
-        # logits, their fp32 copy and log_softmax.
-        t = rows * shape.eval_seq
-        loss = {"logits": t * a.vocab * (cb + 8), "activations": t * (3 * inter * self.mw + 4 * h * rb)}
-        # Similarity embedding: every layer's hidden state is kept (output_hidden_states),
-        # and the LM head runs too.
-        t = rows * max(shape.reference, new)
-        embed = {"hidden_states": t * (L + 1) * h * rb, "logits": t * a.vocab * (cb + 4),
-                 "activations": t * (3 * inter * self.mw + 4 * h * rb)}
+        # Generation: the prefill's largest layer moment, or the lm_head (generate asks for the
+        # last position's logits only, `logits_to_keep=1`), with the KV cache of every layer.
+        generate = {"kv_cache": kv_cache, **_larger(
+            {"activations": layer(rows * prompt, kvb) + mask(prompt)},
+            {"activations": head_input(rows * prompt), "lm_head_copy": head,
+             "logits": rows * a.vocab * (cb + 4)})}
+        # Eval loss: logits only for the answer span (`logits_to_keep`: the longest answer,
+        # its end-of-answer token and the position before it), 16-bit, then fp32 for the
+        # cross-entropy and its log-softmax; at the lm_head the weight's 16-bit copy instead.
+        seq = shape.eval_seq
+        keep = min(shape.reference + 2, seq)
+        logits = rows * keep * a.vocab
+        loss = _larger({"activations": layer(rows * seq, self.mw) + mask(seq)},
+                       {"activations": head_input(rows * seq), "logits": logits * (cb + 8)},
+                       {"activations": head_input(rows * seq), "logits": logits * cb, "lm_head_copy": head})
+        # Similarity embedding: the decoder body over the texts, no LM head.
+        text = max(shape.reference, new)
+        embed = {"activations": layer(rows * text, self.mw) + mask(text)}
         return {"generate": _ints(generate), "eval_loss": _ints(loss), "embed": _ints(embed)}
+
+
+def _larger(*parts: dict[str, float]) -> dict[str, float]:
+    return max(parts, key=lambda d: sum(d.values()))
 
 
 def _ints(d: dict[str, float]) -> dict[str, int]:

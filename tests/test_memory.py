@@ -7,6 +7,7 @@ docs/memory.md has the same table with the sources.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from qlora_ray.memory import (
     GiB,
     Recipe,
     Shape,
+    _Model,
     architecture,
     estimate,
     largest_batch,
@@ -213,6 +215,21 @@ def test_a_large_eval_batch_raises_the_eval_peak_only() -> None:
     big = estimate(arch, cell(**{"eval.batch_size": 32}), None, batch_size=1)
     assert small.train_bytes == big.train_bytes
     assert big.eval_bytes > small.eval_bytes and big.peak_bytes > small.peak_bytes
+
+
+def test_the_eval_loss_makes_logits_for_the_answers_only() -> None:
+    """Issue 9 item 4 as evaluate.py does it (`logits_to_keep`): the eval loss's logits grow
+    with the answer (+ its end token + the position before it), not with the row."""
+    cfg = cell(**{"train.max_seq_len": 256, "quant.compute_dtype": "float16"})
+    arch = architecture(model_config(LLAMA31_8B))
+    m = _Model(arch, cfg, get_profile("T4"), Recipe())
+    shape = Shape(train_seq=256, eval_prompt=248, eval_seq=256, reference=8)
+    short, long = (m.eval_moments(16, dataclasses.replace(shape, reference=n))["eval_loss"] for n in (8, 64))
+    assert long["logits"] == 16 * 66 * arch.vocab * (2 + 8)  # 16-bit, fp32 copy, log-softmax
+    # With short answers the larger instant is the lm_head itself: autocast's 16-bit copy of
+    # the fp32 weight (1 GiB at 128k x 4096) beside the 16-bit logits.
+    assert short == {"activations": 16 * 256 * arch.hidden * 4, "logits": 16 * 10 * arch.vocab * 2,
+                     "lm_head_copy": arch.vocab * arch.hidden * 2}
 
 
 def test_largest_batch_is_the_edge_of_the_budget() -> None:
