@@ -14,9 +14,10 @@ into the lengths that decide memory:
   `train_seq` is the longest (truncated) row. With `dataset.packing` every batch is full:
   `train_seq` is `max_seq_len`.
 - eval: generation left-pads `eval.batch_size` prompts to the longest and adds
-  `eval.max_new_tokens` (`eval_prompt` is the longest prompt, untruncated, as evaluate.py
-  feeds it); the eval loss runs on whole eval rows (`eval_seq`, truncated like training);
-  the similarity embedder reads the references (`reference`).
+  `eval.max_new_tokens` (`eval_prompt` is the longest prompt, cut as the worker cuts it to
+  leave room for the new tokens); the eval loss runs on whole eval rows (`eval_seq`,
+  truncated like training) with logits for the answers only (`reference`, the longest
+  answer), and the similarity embedder reads the references and the generations.
 
 `worst_case(cfg)` skips the data: every row is `max_seq_len` long (`plan --worst-case`).
 """
