@@ -322,6 +322,8 @@ def move_experiment(results: str, spec_name: str, row: dict[str, Any], new_id: s
         table = table.set_column(table.schema.get_field_index("experiment_id"), "experiment_id",
                                  pa.array([new_id] * table.num_rows, pa.string()))
         _write_atomic(fs, f"{base}/{spec_name}/samples", f"{new_id}.parquet", table)
+    else:  # no samples of the moved row: none of another attempt may stay beside it
+        _delete_if_present(fs, f"{base}/{spec_name}/samples/{new_id}.parquet")
     moved = {k: v for k, v in row.items() if k in RUN_COLUMNS}
     moved["experiment_id"] = new_id
     write_run(results, spec_name, moved)

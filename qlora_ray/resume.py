@@ -81,8 +81,10 @@ def existing_rows(results: str, spec_name: str, plans: list[Any], out: Any) -> d
         if legacy is None or legacy == plan.experiment_id or legacy not in rows:
             continue
         old = rows.pop(legacy)
-        if plan.experiment_id in rows:
-            remove_experiment(results, spec_name, legacy)  # a copy left by an interrupted move
+        current = rows.get(plan.experiment_id)
+        if current is not None and (current["status"] == "ok" or old["status"] != "ok"):
+            # A copy left by an interrupted move, or a later row of the cell: ok rows are kept.
+            remove_experiment(results, spec_name, legacy)
         else:
             rows[plan.experiment_id] = move_experiment(results, spec_name, old, plan.experiment_id)
             moved += 1

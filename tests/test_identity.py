@@ -211,6 +211,32 @@ def test_a_move_interrupted_after_the_new_row_was_written_leaves_no_duplicate(tm
     assert len(df) == 3 and df.experiment_id.is_unique and not old.exists()
 
 
+def test_a_0_1_0_ok_row_is_kept_over_a_later_failed_row_of_the_same_cell(tmp_path, monkeypatch, capsys):
+    # After the upgrade the spec was spelled so that 0.1.0's row was not found (its legacy id
+    # differs), the cell ran again under its current id and failed; spelled back, both rows
+    # exist. The ok row is the one kept.
+    from qlora_ray.scheduler import run_spec
+
+    spec_path = LEGACY / "legacy.yaml"
+    results = tmp_path / "results"
+    for sub in ("runs", "samples"):
+        shutil.copytree(LEGACY / sub, results / "legacy" / sub)
+    defaults = next(c for c in load_spec(spec_path).cells if c.name == "defaults")
+    old = results / "legacy" / "runs" / f"{legacy_experiment_id(defaults)}.parquet"
+    ok = pd.read_parquet(old)
+    assert list(ok.status) == ["ok"]
+    failed = ok.assign(experiment_id=defaults.experiment_id, status="failed", error="CUDA error", attempt=1)
+    failed.to_parquet(results / "legacy" / "runs" / f"{defaults.experiment_id}.parquet")
+
+    monkeypatch.chdir(ROOT)
+    run_spec(str(spec_path), results=str(results))
+    assert "0 to run" in capsys.readouterr().out
+    df = pd.read_parquet(results / "legacy" / "runs").set_index("name")
+    assert len(df) == 3 and df.experiment_id.is_unique and not old.exists()
+    assert df.loc["defaults", "status"] == "ok" and df.loc["defaults", "experiment_id"] == defaults.experiment_id
+    assert df.loc["defaults", "started_at"] == ok.started_at[0]
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--update"]:
         GOLDEN.write_text(json.dumps(shipped_ids(), indent=1) + "\n")
