@@ -1,5 +1,6 @@
 """The report's time and money: predicted vs measured time, cost per run, cost per quality
-point, and quality against cost with its Pareto front (`report.py` calls these).
+point, and quality against cost with its Pareto front (the frame, renderers and plots of
+the report call these).
 
 - Cost of a run: the cell's wall time on its GPU (`finished_at - started_at`, the time the
   card was held) times the `usd_per_hour` the row was planned with.
@@ -47,7 +48,7 @@ def pareto_cost_column(df: pd.DataFrame) -> pd.Series:
     """Front membership of (cost, similarity) among ok rows that have both; NA for the others."""
     import pandas as pd
 
-    from qlora_ray.report import pareto_front
+    from qlora_ray.report_frame import pareto_front
 
     cost = _cost_axis(df)[0]
     eligible = (df["status"] == "ok") & cost.notna() & df["similarity_score"].notna()
@@ -72,18 +73,18 @@ def has_prices(df: pd.DataFrame) -> bool:
 
 
 def predicted_time(r: dict[str, Any]) -> str:
-    from qlora_ray.report import MISSING, _missing, format_duration
+    from qlora_ray.report_frame import MISSING, format_duration, missing
 
-    if _missing(r.get("predicted_seconds")):
+    if missing(r.get("predicted_seconds")):
         return MISSING
     err = r.get("predicted_time_error_pct")
-    return format_duration(r["predicted_seconds"]) + ("" if _missing(err) else f" ({err:+.0f}%)")
+    return format_duration(r["predicted_seconds"]) + ("" if missing(err) else f" ({err:+.0f}%)")
 
 
 def money(x: Any) -> str:
-    from qlora_ray.report import MISSING, _missing
+    from qlora_ray.report_frame import MISSING, missing
 
-    if _missing(x):
+    if missing(x):
         return MISSING
     return f"${x:,.2f}" if x >= 0.995 else f"${x:.3f}"
 
@@ -103,21 +104,21 @@ def plot(df: pd.DataFrame) -> Figure | None:
     """Similarity against cost, coloured by GPU, the Pareto front ringed and joined."""
     from matplotlib.figure import Figure
 
-    from qlora_ray.report import _flag, _gpu_colors, _legend, _markers
+    from qlora_ray.report_plots import approach_markers, figure_legend, flag, gpu_colors
 
     front_of = df["pareto_cost"] if "pareto_cost" in df else pareto_cost_column(df)
-    pts = df[_flag(front_of.notna())]
+    pts = df[flag(front_of.notna())]
     if pts.empty:
         return None
     cost, label = _cost_axis(df)
-    colors, markers = _gpu_colors(df), _markers(df)
+    colors, markers = gpu_colors(df), approach_markers(df)
     fig = Figure(figsize=(7.5, 5.0), layout="constrained")
     ax = fig.subplots()
     for (gpu, approach), grp in pts.groupby(["gpu_label", "approach"], sort=True):
         ax.scatter(cost[grp.index].astype(float), grp["similarity_score"].astype(float),
                    color=colors[str(gpu)], marker=markers[str(approach)], s=40, zorder=2,
                    label=f"{gpu}, {approach}")
-    front = pts[_flag(front_of[pts.index])]
+    front = pts[flag(front_of[pts.index])]
     order = cost[front.index].astype(float).sort_values().index
     x, y = cost[order].astype(float), front.loc[order, "similarity_score"].astype(float)
     ax.plot(x, y, drawstyle="steps-post", color="black", lw=1, zorder=1)
@@ -127,5 +128,5 @@ def plot(df: pd.DataFrame) -> Figure | None:
     ax.set_xlabel(label)
     ax.set_ylabel("similarity score (lower is better)")
     ax.grid(alpha=0.3)
-    _legend(fig, [ax])
+    figure_legend(fig, [ax])
     return fig

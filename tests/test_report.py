@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 from results_factory import GIB, failed, grid_rows, row, write_rows
 
-from qlora_ray import report
+from qlora_ray import report, report_frame
 from qlora_ray.cli import main as cli
 
 CHROMIUM = "/usr/bin/chromium"
@@ -55,10 +55,10 @@ def by_name(rows: list[dict[str, str]]) -> dict[str, dict[str, str]]:
 
 @pytest.mark.parametrize(("seconds", "shown"), [
     (1431, "0:23:51"), (3332.4, "0:55:32"), (4553, "1:15:53"), (59.6, "0:01:00"),
-    (90061, "25:01:01"), (None, report.MISSING), (pd.NA, report.MISSING),
+    (90061, "25:01:01"), (None, report_frame.MISSING), (pd.NA, report_frame.MISSING),
 ])
 def test_training_time_is_h_mm_ss(seconds: float | None, shown: str) -> None:
-    assert report.format_duration(seconds) == shown
+    assert report_frame.format_duration(seconds) == shown
 
 
 @pytest.mark.parametrize(("bits", "qtype", "label"), [
@@ -66,14 +66,14 @@ def test_training_time_is_h_mm_ss(seconds: float | None, shown: str) -> None:
     (4, "fp4", "QLoRA 4-bit fp4"), (4, pd.NA, "QLoRA 4-bit"),
 ])
 def test_approach_label_names_the_quantization(bits: int, qtype: str | None, label: str) -> None:
-    assert report.approach_label(bits, qtype) == label
+    assert report_frame.approach_label(bits, qtype) == label
 
 
 def test_pareto_front_keeps_only_undominated_points() -> None:
     # (time, score): b is faster and better than c; d ties b exactly; e is slow but best
     times = [100, 50, 200, 50, 400]
     scores = [0.05, 0.04, 0.06, 0.04, 0.01]
-    assert report.pareto_front(times, scores) == [False, True, False, True, True]
+    assert report_frame.pareto_front(times, scores) == [False, True, False, True, True]
 
 
 # ---------------------------------------------------------------------------------------
@@ -119,11 +119,11 @@ def test_failed_cells_show_status_and_reason(spec_dir: Path, capsys: pytest.Capt
 
     oom = rows["lora16-r8-bs4-T4"]
     assert oom["Status"] == "oom (train): OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
-    assert oom["Training time"] == report.MISSING and oom["Peak GiB"] == report.MISSING
+    assert oom["Training time"] == report_frame.MISSING and oom["Peak GiB"] == report_frame.MISSING
     assert oom["Predicted GiB (error)"] == "16.20"  # the planner's number still explains the OOM
     unsched = rows["qlora-r64-bs16-T4"]
     assert unsched["Status"].startswith("unschedulable: predicted 19.3 GiB does not fit on T4")
-    assert unsched["Pareto"] == report.MISSING
+    assert unsched["Pareto"] == report_frame.MISSING
 
 
 def test_pareto_column_marks_the_fastest_best_cells(spec_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -167,7 +167,7 @@ def test_without_a_16bit_run_relative_columns_are_empty_and_say_why(
     spec = write_rows(str(tmp_path), [r for r in grid_rows() if r["quant_bits"] != 16])
     code, out, _ = run_report(capsys, spec)
     assert code == 0
-    assert {r["Peak vs baseline"] for r in parse_markdown(out)} == {report.MISSING}
+    assert {r["Peak vs baseline"] for r in parse_markdown(out)} == {report_frame.MISSING}
     assert "--baseline NAME" in out
 
 
@@ -289,7 +289,7 @@ def test_cpu_runs_without_a_gpu_profile_get_a_plot_panel(tmp_path: Path,
     code, out, _ = run_report(capsys, spec)
     rows = by_name(parse_markdown(out))
     assert code == 0
-    assert rows["cpu-r4"]["Card size ratio"] == report.MISSING and rows["cpu-r4"]["GPU"] == "cpu"
+    assert rows["cpu-r4"]["Card size ratio"] == report_frame.MISSING and rows["cpu-r4"]["GPU"] == "cpu"
     assert rows["cpu-r8"]["Training time"] == "0:00:48"
     assert "cpu_rss is the whole process's resident memory" in out  # why the prediction error is off
     assert all((Path(spec) / f).stat().st_size > 0 for f in PLOT_FILES)
