@@ -134,7 +134,6 @@ def _one_of(out: list[str], key: str, value: Any, allowed: tuple[Any, ...]) -> N
 
 @dataclass(frozen=True)
 class ModelConfig:
-    section: ClassVar[str] = "model"
 
     name: str = _f(
         "builtin:tiny-llama",
@@ -173,7 +172,6 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    section: ClassVar[str] = "dataset"
 
     path: str = _f(
         "experiments/data/fin_sentiment.jsonl",
@@ -243,7 +241,6 @@ class DatasetConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    section: ClassVar[str] = "quant"
 
     bits: int = _f(4, "4 = QLoRA (bitsandbytes Linear4bit), 8 = LLM.int8, 16 = no quantization.")
     type: str = _f("nf4", "4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.")
@@ -267,7 +264,6 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    section: ClassVar[str] = "lora"
 
     r: int = _f(8, "Adapter rank.")
     alpha: float = _f(16, "Scale numerator: updates are scaled by alpha / r (alpha / sqrt(r) with rsLoRA).")
@@ -308,7 +304,6 @@ class LoraConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    section: ClassVar[str] = "train"
 
     epochs: float = _f(3, "Passes over the training split (ignored when max_steps is set).")
     max_steps: int | None = _f(None, "Stop after this many optimizer steps instead of epochs.")
@@ -378,7 +373,6 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class SimilarityConfig:
-    section: ClassVar[str] = "eval.similarity"
 
     embedder: str = _f(
         "self",
@@ -408,7 +402,6 @@ class SimilarityConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    section: ClassVar[str] = "eval"
 
     max_new_tokens: int = _f(
         16, "Greedy decoding length for the generated answers; cover the longest reference "

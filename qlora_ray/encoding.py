@@ -151,7 +151,6 @@ class PadCollator:
     """
 
     pad_token_id: int
-    pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         import torch
@@ -160,8 +159,6 @@ class PadCollator:
             keys = ("input_ids", "labels", "position_ids")
             return {k: torch.tensor([[x for f in features for x in f[k]]], dtype=torch.long) for k in keys}
         longest = max(len(f["input_ids"]) for f in features)
-        if self.pad_to_multiple_of:
-            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         batch: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
         for f in features:
             ids = list(f["input_ids"])
@@ -174,10 +171,10 @@ class PadCollator:
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
 
-def make_collator(tokenizer: Any, pad_to_multiple_of: int | None = None) -> Callable[..., Any]:
+def make_collator(tokenizer: Any) -> Callable[..., Any]:
     """The batch collator for `PreparedData.train`/`.eval`; pads on the right."""
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         # The pad value never reaches the loss (labels are -100 there) or attention (mask 0).
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return PadCollator(pad_id, pad_to_multiple_of)
+    return PadCollator(pad_id)

@@ -71,7 +71,6 @@ class Spec:
     name: str
     cells: list[ExperimentConfig]
     profiles: dict[str, GpuProfile] = field(default_factory=dict)
-    source: str | None = None
 
 
 class _NoAliasLoader(yaml.SafeLoader):
@@ -125,7 +124,7 @@ def load_spec(path: str | Path, *, max_cells: int = DEFAULT_MAX_CELLS) -> Spec:
         what = " ".join(str(e).split())
         raise ConfigError([problem("SPEC", str(path), f"is not valid YAML ({what})",
                                    "fix the syntax, and save the file as UTF-8")]) from e
-    return expand(data, source=str(path), max_cells=max_cells)
+    return expand(data, max_cells=max_cells)
 
 
 def count_cells(data: dict[str, Any]) -> int:
@@ -146,7 +145,7 @@ def count_cells(data: dict[str, Any]) -> int:
     return n * math.prod(max(a, 1) for a in axes)
 
 
-def expand(data: Any, source: str | None = None, *, max_cells: int = DEFAULT_MAX_CELLS) -> Spec:
+def expand(data: Any, *, max_cells: int = DEFAULT_MAX_CELLS) -> Spec:
     """Spec mapping -> Spec with one ExperimentConfig per cell, in a stable order.
 
     A spec whose axes multiply out to more than `max_cells` cells is refused before any
@@ -231,7 +230,7 @@ def expand(data: Any, source: str | None = None, *, max_cells: int = DEFAULT_MAX
                                 "loosen the exclude rules"))
     if problems:
         raise ConfigError(problems)
-    return Spec(name=name, cells=cells, profiles=profiles, source=source)
+    return Spec(name=name, cells=cells, profiles=profiles)
 
 
 def _axes(data: dict[str, Any], problems: list[str]) -> list[list[dict[str, Any]]]:

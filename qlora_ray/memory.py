@@ -271,10 +271,6 @@ def largest_batch(
     return lo
 
 
-def gib(n: int | float | None) -> float:
-    return math.nan if n is None else n / GiB
-
-
 # ---------------------------------------------------------------------------------------
 # the mechanism
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import PrinterCallback, Trainer, TrainingArguments
@@ -49,7 +49,6 @@ class TrainResult:
     loss: float | None  # mean training loss over the run
     loss_first: float | None  # first logged loss
     loss_last: float | None  # last logged loss
-    log_history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float | None:
@@ -137,5 +136,4 @@ def train(trainer: Trainer) -> TrainResult:
         loss=loss if loss is not None and math.isfinite(loss) else None,
         loss_first=losses[0] if losses else None,
         loss_last=losses[-1] if losses else None,
-        log_history=list(trainer.state.log_history),
     )
