@@ -47,3 +47,4 @@ def report(name: str, value: float, unit: str, target: str, met: bool, **extra: 
     tmp.write_text(text + "\n")
     tmp.replace(folder / f"{name}.json")
     return 0 if met else 1
+

@@ -65,3 +65,13 @@ def test_startup_help_and_plan(tmp_path):
     out = bench(tmp_path, "startup.py", "--repeat", "1")
     assert out["plan_cells"] >= 1000
     assert out["heavy_modules_imported"] == {"help": [], "plan": []}
+
+
+@pytest.mark.slow
+def test_vs_plain_trains_both_and_compares(tmp_path):
+    out = bench(tmp_path, "vs_plain.py", "--steps", "2", "--repeat", "1")
+    run = out["runs"][0]
+    # The same data and hyperparameters: both saw the same number of real tokens.
+    assert run["plain"]["tokens"] == run["qlora_ray"]["tokens"] > 0
+    assert run["plain"]["steps"] == run["qlora_ray"]["steps"] == 2
+
