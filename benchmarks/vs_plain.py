@@ -64,7 +64,9 @@ if row["status"] != "ok":
 if "s" not in cpu:
     sys.exit("the worker no longer trains through qlora_ray.train.train; update WORKER in vs_plain.py")
 print(json.dumps({"tokens": row["train_tokens"], "seconds": row["train_seconds"], "cpu_seconds": cpu.get("s"),
-                  "tokens_per_second": row["tokens_per_second"], "steps": row["train_steps"]}))
+                  "tokens_per_second": row["tokens_per_second"], "steps": row["train_steps"],
+                  "eval_loss": row["eval_loss"], "accuracy": row["accuracy"],
+                  "similarity_score": row["similarity_score"]}))
 """
 
 

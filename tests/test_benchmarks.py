@@ -71,7 +71,18 @@ def test_startup_help_and_plan(tmp_path):
 def test_vs_plain_trains_both_and_compares(tmp_path):
     out = bench(tmp_path, "vs_plain.py", "--steps", "2", "--repeat", "1")
     run = out["runs"][0]
-    # The same data and hyperparameters: both saw the same number of real tokens.
-    assert run["plain"]["tokens"] == run["qlora_ray"]["tokens"] > 0
+    # The same rows, hyperparameters and step count (each side draws its own batches).
     assert run["plain"]["steps"] == run["qlora_ray"]["steps"] == 2
+    assert run["plain"]["tokens"] > 0 and run["qlora_ray"]["tokens"] > 0
+    assert out["ratio_cpu_runs"][0] > 0
 
+
+
+@pytest.mark.slow
+def test_packing_trains_padded_and_packed_on_the_same_tokens(tmp_path):
+    out = bench(tmp_path, "packing.py", "--epochs", "1", "--repeat", "1", "--train-rows", "24",
+                "--eval-rows", "4")
+    run = out["runs"][0]
+    assert run["padded"]["tokens"] == run["packed"]["tokens"] > 0
+    # Packing lays 24 rows into fewer, fuller sequences: fewer optimizer steps.
+    assert run["packed"]["steps"] < run["padded"]["steps"] == 6
