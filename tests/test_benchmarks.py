@@ -86,3 +86,10 @@ def test_packing_trains_padded_and_packed_on_the_same_tokens(tmp_path):
     assert run["padded"]["tokens"] == run["packed"]["tokens"] > 0
     # Packing lays 24 rows into fewer, fuller sequences: fewer optimizer steps.
     assert run["packed"]["steps"] < run["padded"]["steps"] == 6
+
+
+@pytest.mark.slow
+def test_fanout_on_the_embedded_ray(tmp_path):
+    # Starts Ray: run this file under the machine's Ray lock, like every test that does.
+    out = bench(tmp_path, "fanout.py", "--cells", "2", "--steps", "1", "--repeat", "1")
+    assert 0 < out["value"] <= 1.0 and len(out["runs"][0]["cell_wall_s"]) == 2
