@@ -221,8 +221,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", default="corrections.json",
                         help="corrections file to write (default corrections.json); "
                              "pass it to `plan`/`run` with --corrections")
-    parser.add_argument("--model-configs", action="append", default=[], metavar="DIR",
-                        help="folder of <hub id>/config.json files, to tell each row's architecture family")
+    from qlora_ray.planner import add_model_configs_argument
+
+    add_model_configs_argument(parser)  # to tell each row's architecture family
 
 
 def main(args: argparse.Namespace) -> int:

@@ -30,6 +30,10 @@ OPTIMIZERS = ("adamw_torch", "paged_adamw_8bit", "paged_adamw_32bit", "adamw_bnb
 LR_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_MODELS = ("tiny-llama",)
+# A name is a file name, a Ray resource label, a cell-name token and a plot label at once.
+_NAME_CHARS = "A-Za-z0-9._+=-"
+SAFE_NAME = re.compile(rf"[A-Za-z0-9][{_NAME_CHARS}]{{0,127}}")
+UNSAFE_NAME_CHAR = re.compile(rf"[^{_NAME_CHARS}]")
 
 # Upper bounds (far above any real run; they stop typos and hostile specs, not research).
 MAX_LORA_RANK = 4096
@@ -463,7 +467,7 @@ class ExperimentConfig:
 
     def problems(self) -> list[str]:
         out: list[str] = []
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}", self.name):
+        if not SAFE_NAME.fullmatch(self.name):
             out.append(problem("name", self.name, "must be a safe file name",
                                "use letters, digits and . _ + = - only"))
         if (

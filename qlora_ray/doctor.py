@@ -30,6 +30,7 @@ from types import SimpleNamespace
 from typing import Any, Literal
 
 from qlora_ray.config import ConfigError
+from qlora_ray.units import GIB
 
 Status = Literal["ok", "warn", "fail"]
 NODE_CHECK_TIMEOUT_S = 180
@@ -53,8 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Ray cluster to check (default: $RAY_ADDRESS, e.g. under `ray job submit`; "
                         "else an embedded local Ray, as `run` would start)")
     p.add_argument("--results", default=None, help="results root to probe: a path or s3:// / gs:// URI")
-    p.add_argument("--model-configs", action="append", default=[], metavar="DIR",
-                   help="folder with <hub id>/config.json files, as for `plan` (repeatable)")
+    from qlora_ray.planner import add_model_configs_argument
+
+    add_model_configs_argument(p)
 
 
 # --------------------------------------------------------------------------- this machine
@@ -104,7 +106,7 @@ def _gpu_check(index: int, props: Any) -> Check:
     from qlora_ray.profiles import profile_for_card
 
     label = NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type(props.name)
-    gib = props.total_memory / 2**30
+    gib = props.total_memory / GIB
     detail = (f"{index}: {props.name}, {gib:.1f} GiB, compute capability {props.major}.{props.minor}, "
               f"Ray labels it {label}")
     profile = profile_for_card(label, int(props.total_memory))

@@ -23,7 +23,6 @@ import dataclasses
 import difflib
 import itertools
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,8 @@ from typing import Any
 import yaml
 
 from qlora_ray.config import (
+    SAFE_NAME,
+    UNSAFE_NAME_CHAR,
     ConfigError,
     ExperimentConfig,
     from_dict,
@@ -41,7 +42,6 @@ from qlora_ray.profiles import GpuProfile, get_profile, preset_overrides, speed_
 
 SPEC_KEYS = ("name", "base", "grid", "paired", "seeds", "exclude", "runs", "profiles", "description",
              "preset")
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=-]{0,127}")
 # Bounds on what a spec may ask for (see load_spec / expand).
 DEFAULT_MAX_CELLS = 10_000
 MAX_SPEC_BYTES = 1024 * 1024
@@ -385,7 +385,7 @@ def _cell_name(run_name: str | None, combo: tuple[dict[str, Any], ...]) -> str:
         for key, value in group.items():
             tokens.append(_token(key, value))
     name = "-".join(t for t in tokens if t) or "base"
-    return re.sub(r"[^A-Za-z0-9._+=-]", "_", name)[:128]
+    return UNSAFE_NAME_CHAR.sub("_", name)[:128]
 
 
 def _token(key: str, value: Any) -> str:

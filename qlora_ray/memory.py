@@ -36,7 +36,6 @@ __all__ = ["Architecture", "Estimate", "Recipe", "Shape", "adapted_modules", "ar
            "largest_batch"]
 
 MiB = 1024**2
-GiB = 1024**3
 
 # bitsandbytes NF4/FP4: two 4-bit codes per byte, one absmax per block of 64 weights: fp32,
 # or with double quantization an 8-bit code plus one fp32 constant per 256 of them.

@@ -25,6 +25,7 @@ from qlora_ray.memory import Architecture, Estimate, Shape, architecture, estima
 from qlora_ray.modelcheck import model_problems
 from qlora_ray.profiles import GpuProfile, capability_problems, get_profile, resolve_compute_dtype
 from qlora_ray.timing import Factors, TimePrediction, predict
+from qlora_ray.units import GIB, hms
 from qlora_ray.workload import DataLengths, data_lengths
 
 MODEL_CONFIGS_ENV = "QLORA_RAY_MODEL_CONFIGS"
@@ -34,7 +35,6 @@ AUTO_BATCH_MARGIN = 0.10
 AUTO_BATCH_LIMIT = 256
 # `auto` on a cell without a GPU profile has nothing to size against: TrainConfig's default.
 AUTO_BATCH_UNBOUNDED = 4
-GiB = 1024**3
 # `predicted_lengths` of a cell whose data is not a local file (a hub dataset).
 UNKNOWN_LENGTHS = "max_seq_len (data not local)"
 # The time and cost fields of `--json` (and of result rows), null when a cell has no prediction.
@@ -313,8 +313,8 @@ def plan_cell(
     tight = limit is not None and fits and high > limit
 
     if limit is not None and profile is not None:
-        need = (f"predicted peak {est.peak_bytes / GiB:.1f} GiB (range {low / GiB:.1f}-{high / GiB:.1f}) "
-                f"against {profile.name}'s {limit / GiB:.1f} GiB")
+        need = (f"predicted peak {est.peak_bytes / GIB:.1f} GiB (range {low / GIB:.1f}-{high / GIB:.1f}) "
+                f"against {profile.name}'s {limit / GIB:.1f} GiB")
         if not fits:
             step = _backoff_until_fits(cfg, arch, profile, bs, limit, shape_at, scale) \
                 if cfg.train.oom_backoff else None
@@ -403,11 +403,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_planning_arguments(parser)
 
 
-def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options `plan` and `run` share: where config.json files are, how to size cells."""
+def add_model_configs_argument(parser: argparse.ArgumentParser) -> None:
+    """`--model-configs DIR`, for every verb that reads a model's config.json."""
     parser.add_argument("--model-configs", action="append", default=[], metavar="DIR",
                         help=f"folder of config.json files laid out as DIR/<hub id>/config.json, "
                              f"searched before the hub (repeatable; also ${MODEL_CONFIGS_ENV})")
+
+
+def add_planning_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options `plan` and `run` share: where config.json files are, how to size cells."""
+    add_model_configs_argument(parser)
     parser.add_argument("--worst-case", action="store_true",
                         help="size every cell as if every row were train.max_seq_len tokens long "
                              "(default: the token lengths of the cell's own local dataset)")
@@ -459,13 +464,13 @@ def render_table(plans: list[CellPlan]) -> str:
               "fits", "train", "GPU h", "$", "problems")
     rows = [header]
     for p in plans:
-        gpu_gib = p.profile.usable_bytes / GiB if p.profile and p.profile.is_gpu else None
+        gpu_gib = p.profile.usable_bytes / GIB if p.profile and p.profile.is_gpu else None
         est, t = p.estimate, p.time
         rows.append((
             p.name, p.gpu or "-", str(p.batch_size), p.compute_dtype,
-            f"{est.train_bytes / GiB:.2f}" if est else "-",
-            f"{est.eval_bytes / GiB:.2f}" if est else "-",
-            f"{est.peak_range[0] / GiB:.1f}-{est.peak_range[1] / GiB:.1f}" if est else "-",
+            f"{est.train_bytes / GIB:.2f}" if est else "-",
+            f"{est.eval_bytes / GIB:.2f}" if est else "-",
+            f"{est.peak_range[0] / GIB:.1f}-{est.peak_range[1] / GIB:.1f}" if est else "-",
             f"{gpu_gib:.1f}" if gpu_gib is not None else "-",
             f"{p.headroom:+.0%}" if p.headroom is not None else "-",
             "NO" if not p.fits else "tight" if p.tight else "yes",
@@ -520,8 +525,3 @@ def _grouped(pairs: Any) -> list[str]:
 
 def _small(x: float) -> str:
     return "<0.01" if 0 < x < 0.005 else f"{x:,.2f}"
-
-
-def hms(seconds: float) -> str:
-    s = round(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"

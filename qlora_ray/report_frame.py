@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from qlora_ray import report_cost
+from qlora_ray.units import GIB, hms
 
 if TYPE_CHECKING:
     import pandas as pd
 
-GIB = 1024**3
 MISSING = "—"
 
 # The default row order: smallest card first, then the 16-bit baseline before quantized cells.
@@ -302,8 +302,4 @@ def missing(x: Any) -> bool:
 
 def format_duration(seconds: Any) -> str:
     """Seconds -> h:mm:ss (hours unbounded), rounded to the second."""
-    if missing(seconds):
-        return MISSING
-    h, rest = divmod(round(float(seconds)), 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}"
+    return MISSING if missing(seconds) else hms(seconds)

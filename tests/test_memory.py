@@ -16,7 +16,6 @@ import pytest
 
 from qlora_ray.config import ConfigError, ExperimentConfig, from_dict, set_dotted
 from qlora_ray.memory import (
-    GiB,
     Recipe,
     Shape,
     _Model,
@@ -25,6 +24,7 @@ from qlora_ray.memory import (
     largest_batch,
 )
 from qlora_ray.profiles import get_profile
+from qlora_ray.units import GIB
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 TOLERANCE = 0.15
@@ -85,7 +85,7 @@ def finlora_cell(bits: int, batch: int) -> ExperimentConfig:
 def test_finlora_llama31_8b_points(bits: int, batch: int, measured_gib: float) -> None:
     est = estimate(model_config(LLAMA31_8B), finlora_cell(bits, batch), get_profile("A100-80G"),
                    recipe=FINLORA_RECIPE)
-    error = est.allocated_bytes / GiB / measured_gib - 1
+    error = est.allocated_bytes / GIB / measured_gib - 1
     assert -UNDER_TOLERANCE <= error <= TOLERANCE, f"{bits}-bit bs{batch}: {error:+.1%}"
 
 
