@@ -136,9 +136,18 @@ def _one_of(out: list[str], key: str, value: Any, allowed: tuple[Any, ...]) -> N
         )
 
 
-@dataclass(frozen=True)
-class ModelConfig:
+class _Validated:
+    """A config section that checks itself when built: `problems()`, raised together."""
 
+    def problems(self) -> list[str]:
+        return []
+
+    def __post_init__(self) -> None:
+        _raise_if(self.problems())
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Validated):
     name: str = _f(
         "builtin:tiny-llama",
         "Hub id, local path, or `builtin:tiny-llama` (built locally, no network).",
@@ -170,13 +179,9 @@ class ModelConfig:
         _one_of(out, "model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         return out
 
-    def __post_init__(self) -> None:
-        _raise_if(self.problems())
-
 
 @dataclass(frozen=True)
-class DatasetConfig:
-
+class DatasetConfig(_Validated):
     path: str = _f(
         "experiments/data/fin_sentiment.jsonl",
         "Local .jsonl/.json/.csv/.parquet file, or a `datasets` name (e.g. `org/data`).",
@@ -239,13 +244,9 @@ class DatasetConfig:
             )
         return out
 
-    def __post_init__(self) -> None:
-        _raise_if(self.problems())
-
 
 @dataclass(frozen=True)
-class QuantConfig:
-
+class QuantConfig(_Validated):
     bits: int = _f(4, "4 = QLoRA (bitsandbytes Linear4bit), 8 = LLM.int8, 16 = no quantization.")
     type: str = _f("nf4", "4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.")
     double_quant: bool = _f(True, "Quantize the 4-bit block constants too (saves ~0.4 bit/param).")
@@ -262,13 +263,9 @@ class QuantConfig:
         _one_of(out, "quant.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         return out
 
-    def __post_init__(self) -> None:
-        _raise_if(self.problems())
-
 
 @dataclass(frozen=True)
-class LoraConfig:
-
+class LoraConfig(_Validated):
     r: int = _f(8, "Adapter rank.")
     alpha: float = _f(16, "Scale numerator: updates are scaled by alpha / r (alpha / sqrt(r) with rsLoRA).")
     dropout: float = _f(0.05, "Dropout on the adapter input.")
@@ -302,13 +299,9 @@ class LoraConfig:
         _one_of(out, "lora.bias", self.bias, LORA_BIAS)
         return out
 
-    def __post_init__(self) -> None:
-        _raise_if(self.problems())
-
 
 @dataclass(frozen=True)
-class TrainConfig:
-
+class TrainConfig(_Validated):
     epochs: float = _f(3, "Passes over the training split (ignored when max_steps is set).")
     max_steps: int | None = _f(None, "Stop after this many optimizer steps instead of epochs.")
     batch_size: int | str = _f(
@@ -367,17 +360,13 @@ class TrainConfig:
         _positive(out, "train.logging_steps", self.logging_steps, "use e.g. 10")
         return out
 
-    def __post_init__(self) -> None:
-        _raise_if(self.problems())
-
     @property
     def effective_batch(self) -> int | None:
         return None if isinstance(self.batch_size, str) else self.batch_size * self.grad_accum
 
 
 @dataclass(frozen=True)
-class SimilarityConfig:
-
+class SimilarityConfig(_Validated):
     embedder: str = _f(
         "self",
         "`self` (the evaluated model's own mean-pooled last hidden state, as the seed results, "
@@ -400,13 +389,9 @@ class SimilarityConfig:
                             "eval.similarity.embedder is `self`", "remove it, or name the embedder")]
         return []
 
-    def __post_init__(self) -> None:
-        _raise_if(self.problems())
-
 
 @dataclass(frozen=True)
-class EvalConfig:
-
+class EvalConfig(_Validated):
     max_new_tokens: int = _f(
         16, "Greedy decoding length for the generated answers; cover the longest reference "
         "(the worker warns when a reference is longer).")
@@ -440,12 +425,9 @@ class EvalConfig:
                                "write e.g. [negative, neutral, positive]"))
         return out
 
-    def __post_init__(self) -> None:
-        _raise_if(self.problems())
-
 
 @dataclass(frozen=True)
-class ExperimentConfig:
+class ExperimentConfig(_Validated):
     """One cell of a grid: the whole recipe of one fine-tuning run."""
 
     section: ClassVar[str] = ""
@@ -481,9 +463,6 @@ class ExperimentConfig:
                                "needs quant.compute_dtype float16 or bfloat16 with 4/8-bit models",
                                "use sdpa, or set quant.compute_dtype to bfloat16"))
         return out
-
-    def __post_init__(self) -> None:
-        _raise_if(self.problems())
 
     @property
     def experiment_id(self) -> str:
