@@ -145,11 +145,8 @@ def load_model_config(
     through huggingface_hub (its cache first, so a model used before plans offline).
     """
     if name.startswith(BUILTIN_PREFIX):
-        try:
-            from qlora_ray.builtin import builtin_model_config
-        except ImportError as e:  # the builtin module is optional while it is being written
-            raise ConfigError([problem("model.name", name, f"cannot be planned ({e})",
-                                       "install qlora-ray with qlora_ray/builtin.py")]) from e
+        from qlora_ray.builtin import builtin_model_config
+
         return dict(builtin_model_config(name))
 
     local = Path(name).expanduser()
