@@ -12,14 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import hashlib
 import json
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+# ConfigError, from_dict and set_dotted are re-exported: callers take them from here, with the schema.
+from qlora_ray.fromdict import ConfigError as ConfigError
+from qlora_ray.fromdict import check_type, is_dataclass_type, problem, raise_if, type_hints
+from qlora_ray.fromdict import from_dict as from_dict
+from qlora_ray.fromdict import set_dotted as set_dotted
 
 QUANT_BITS = (4, 8, 16)
 QUANT_TYPES = ("nf4", "fp4")
@@ -47,30 +51,6 @@ MAX_TEMPLATE_CHARS = 100_000
 MAX_LIST_ITEMS = 1000
 
 DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n"
-
-
-class ConfigError(ValueError):
-    """Every problem found in a config or spec, raised once."""
-
-    def __init__(self, problems: list[str]):
-        # Keep order, drop repeats: a base-level mistake shows up once, not once per cell.
-        self.problems = list(dict.fromkeys(problems))
-        super().__init__(self._render())
-
-    def _render(self) -> str:
-        n = len(self.problems)
-        head = f"{n} problem{'s' if n != 1 else ''} in the config:"
-        return "\n".join([head, *(f"  - {p}" for p in self.problems)])
-
-
-def problem(key: str, value: Any, rule: str, fix: str) -> str:
-    """One problem line: key, rule, value, fix (the format every error follows)."""
-    return f"`{key}` {rule}, got {value!r}; {fix}"
-
-
-def _raise_if(problems: list[str]) -> None:
-    if problems:
-        raise ConfigError(problems)
 
 
 # ---------------------------------------------------------------------------------------
@@ -143,7 +123,7 @@ class _Validated:
         return []
 
     def __post_init__(self) -> None:
-        _raise_if(self.problems())
+        raise_if(self.problems())
 
 
 @dataclass(frozen=True)
@@ -488,13 +468,13 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 def canonical(cfg: Any) -> dict[str, Any]:
     """The part of a config that is its identity, each value in its declared type (JSON-able)."""
-    hints = _hints(type(cfg))
+    hints = type_hints(type(cfg))
     out: dict[str, Any] = {}
     for f in dataclasses.fields(cfg):
         if not f.metadata.get("identity", True):
             continue
         value = getattr(cfg, f.name)
-        if _is_dataclass_type(hints[f.name]):
+        if is_dataclass_type(hints[f.name]):
             out[f.name] = canonical(value)
             continue
         value = _as_declared(value, hints[f.name], f)
@@ -552,141 +532,13 @@ def _default(f: dataclasses.Field[Any]) -> Any:
 
 def _as_declared(value: Any, tp: Any, f: dataclasses.Field[Any]) -> Any:
     """`value` converted to the declared type `tp` (tuples as lists, for JSON), aliases resolved."""
-    ok, coerced = _check_type(value, tp)
+    ok, coerced = check_type(value, tp)
     if not ok:  # only a config built in Python, bypassing from_dict, can hold such a value
         coerced = value
     if isinstance(coerced, tuple):
         return list(coerced)
     same_as = f.metadata.get("same_as") or {}
     return same_as.get(coerced, coerced) if isinstance(coerced, (str, int, float, bool)) else coerced
-
-
-def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = data
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {} if child is None else _shorthand(part, child)
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
-
-
-def _shorthand(section: str, value: Any) -> Any:
-    """`model: org/name` means `model: {name: org/name}`; `dataset: file` means `{path: file}`."""
-    if isinstance(value, str):
-        if section == "model":
-            return {"name": value}
-        if section == "dataset":
-            return {"path": value}
-    return value
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    # Resolving string annotations is the slow part of building a config; a 1,000-cell grid
-    # builds ~7,000 section objects, so resolve each class once.
-    return typing.get_type_hints(cls)
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _check_type(value: Any, tp: Any) -> tuple[bool, Any]:
-    """(ok, coerced value) for the small set of field types configs use."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        for arm in typing.get_args(tp):
-            ok, coerced = _check_type(value, arm)
-            if ok:
-                return True, coerced
-        return False, value
-    if tp is type(None):
-        return value is None, value
-    if tp is bool:
-        return isinstance(value, bool), value
-    if tp is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, float(value)
-        if isinstance(value, str):
-            # YAML 1.1 reads `2e-4` (no dot) as a string; accept it as the number it looks like.
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, value
-        return False, value
-    if tp is str:
-        return isinstance(value, str), value
-    if origin is tuple:
-        (item,) = typing.get_args(tp)[:1]
-        if isinstance(value, (list, tuple)) and all(_check_type(v, item)[0] for v in value):
-            return True, tuple(value)
-        return False, value
-    raise TypeError(f"config field type {tp!r} is not supported")
-
-
-def _type_name(tp: Any) -> str:
-    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string",
-             type(None): "null"}
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        return "a list"
-    return names.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build `cls` from nested dicts, reporting every unknown key, wrong type and bad value.
-
-    Raises ConfigError listing all problems; keys are reported with their full dotted path.
-    """
-    problems: list[str] = []
-    obj = _build(cls, data, prefix, problems)
-    _raise_if(problems)
-    return obj
-
-
-def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
-    section = prefix.rstrip(".")
-    if not isinstance(data, dict):
-        problems.append(problem(section or "spec", data, "must be a mapping", "write key: value pairs"))
-        return None
-    hints = _hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs: dict[str, Any] = {}
-    for key, value in data.items():
-        path = f"{prefix}{key}"
-        if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f"did you mean `{prefix}{close[0]}`?" if close else f"known keys: {', '.join(fields)}"
-            problems.append(problem(path, value, "is not a known key", hint))
-            continue
-        tp = hints[key]
-        if _is_dataclass_type(tp):
-            kwargs[key] = _build(tp, _shorthand(key, value), f"{path}.", problems)
-            continue
-        ok, coerced = _check_type(value, tp)
-        if not ok:
-            problems.append(problem(path, value, f"must be {_type_name(tp)}", "fix its type"))
-            continue
-        kwargs[key] = coerced
-    if any(v is None and _is_dataclass_type(hints[k]) for k, v in kwargs.items()):
-        return None  # a nested section already failed; its problems are recorded
-    # Check values without raising yet, so every section's problems are collected together.
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        problems.extend(e.problems)
-        return None
-    except TypeError as e:  # a required field is missing
-        problems.append(problem(section or "spec", sorted(kwargs), f"is incomplete ({e})",
-                                "add the missing key"))
-        return None
 
 
 def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -736,7 +588,7 @@ def describe_fields(cls: type = ExperimentConfig, prefix: str = "") -> list[tupl
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if _is_dataclass_type(tp):
+        if is_dataclass_type(tp):
             rows.extend(describe_fields(tp, f"{prefix}{f.name}."))
             continue
         default = _default(f)
