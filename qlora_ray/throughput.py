@@ -28,7 +28,6 @@ calibrate` from measured rows.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -302,7 +301,3 @@ def expected_batch_max(lengths: Sequence[int], batch_size: int) -> float:
 
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def is_finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x) and x > 0
