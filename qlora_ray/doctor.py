@@ -181,16 +181,30 @@ def node_checks() -> list[Check]:
 # --------------------------------------------------------------------------- the cluster
 
 
-def connect(address: str | None) -> tuple[bool, str]:
-    """Join the cluster `run` would use; returns (embedded, where)."""
+def connect(address: str | None) -> tuple[dict[str, str | None] | None, str]:
+    """Join the cluster `run` would use; returns (what the embedded Ray changed or None, where)."""
     import ray
+
+    from qlora_ray.scheduler import start_embedded
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=False)
-        return False, address
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
-    return True, "embedded (this machine only, as `run` without --address)"
+        return None, address
+    # The same embedded Ray as `run`'s: a plain ray.init() would leave its token in ~/.ray,
+    # which changes every later `ray start` of the user's.
+    return start_embedded(log_to_driver=False), "embedded (this machine only, as `run` without --address)"
+
+
+def disconnect(embedded: dict[str, str | None] | None) -> None:
+    import ray
+
+    from qlora_ray.scheduler import stop_embedded
+
+    if embedded is None:
+        ray.shutdown()
+    else:
+        stop_embedded(embedded)
 
 
 def cluster_checks(embedded: bool, where: str) -> tuple[list[Check], list[dict[str, Any]], Any]:
@@ -450,8 +464,6 @@ def main(args: argparse.Namespace, *, cuda: Any = None, out: Any = None) -> int:
     wants_flash = bool(spec and any(c.model.attn_implementation == "flash_attention_2" for c in spec.cells))
     emit(machine_checks(cuda, driver_only=joined, wants_flash=wants_flash))
 
-    import ray
-
     try:
         embedded, where = connect(args.address)
     except Exception as e:
@@ -462,17 +474,17 @@ def main(args: argparse.Namespace, *, cuda: Any = None, out: Any = None) -> int:
         nodes, view = [], None
     else:
         try:
-            found, nodes, view = cluster_checks(embedded, where)
+            found, nodes, view = cluster_checks(embedded is not None, where)
             emit(found)
             if not embedded:
                 emit(gpu_node_checks(nodes))
         finally:
             if spec is None:
-                ray.shutdown()
+                disconnect(embedded)
     if spec is not None:
         if view is not None:
             emit(spec_checks(spec, args.model_configs, nodes, view))
-        ray.shutdown()
+        disconnect(embedded)
     if args.results:
         emit([results_check(args.results)])
     failed = [c for c in checks if c.status == "fail"]

@@ -1,18 +1,20 @@
 """The embedded Ray is private and leaves no trace; the README's local Ray steps then work.
 
-One HOME for the whole test, as for a user: a run on the embedded Ray first (what the
-quickstart does), then the README's "On a local Ray cluster" block, run as written in a
-shell of that same HOME. (A fresh folder stands in for the user's home so that a machine's
+One HOME for the whole test, as for a user: a run and a `doctor` on the embedded Ray
+first (what the quickstart and "Check before you run" do), then the README's "On a local
+Ray cluster" block, run as written in a shell of that same HOME. (A fresh folder stands in for the user's home so that a machine's
 own ~/.ray cannot decide the outcome; no test here hides the embedded run's effects from
 the README steps.)
 
-While the embedded run trains, the test checks its Ray from outside: token mode on (it
-is default only from Ray 2.59), the token held in the environment of Ray's own processes
-(readable by their owner alone) and in no file, a client without it refused.
+While the embedded run trains, the test checks its Ray from outside: every socket it
+listens on is a loopback one, token mode on (it is default only from Ray 2.59), the token
+held in the environment of Ray's own processes (readable by their owner alone) and in no
+file, a client without it refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -64,6 +66,17 @@ def embedded_gcs(ray_tmp: Path, driver: subprocess.Popen, timeout: float = 300) 
     raise AssertionError(f"the embedded Ray never started: {driver.communicate(timeout=60)[0][-3000:]}")
 
 
+def listening(pid: int) -> list[tuple[str, str, int]]:
+    """(process, address, port) of each TCP socket that `pid` or a descendant listens on."""
+    root = psutil.Process(pid)
+    found = []
+    for p in [root, *root.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):  # a worker that just exited
+            found += [(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections(kind="inet")
+                      if c.status == psutil.CONN_LISTEN]
+    return found
+
+
 def test_the_embedded_ray_is_private_and_the_readme_local_ray_steps_work_after_it(tmp_path, request):
     home = tmp_path / "home"
     home.mkdir()
@@ -96,11 +109,24 @@ def test_the_embedded_ray_is_private_and_the_readme_local_ray_steps_work_after_i
                                    env=env, capture_output=True, text=True, timeout=120)
         assert anonymous.returncode != 0
         assert "uthentication" in anonymous.stdout + anonymous.stderr, anonymous.stdout + anonymous.stderr
+        # Nothing listens beyond this machine: the GCS, raylet, agents and the cell's worker
+        # (the driver starts them all) are on loopback only.
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and driver.poll() is None and not any(
+                "ray::qlora-ray:" in " ".join(p.cmdline()) for p in psutil.Process(driver.pid).children(True)):
+            time.sleep(0.5)
+        sockets = listening(driver.pid)
+        assert {"gcs_server", "raylet"} <= {name for name, _, _ in sockets}, sockets
+        assert all(ip in ("127.0.0.1", "::1") for _, ip, _ in sockets), sockets
         output, _ = driver.communicate(timeout=600)
     finally:
         if driver.poll() is None:
             driver.kill()
     assert driver.returncode == 0, output
+    # `doctor` without --address checks the same embedded Ray.
+    doctor = subprocess.run([str(BIN / "qlora-ray"), "doctor"], env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert re.search(r"^ok +auth +token", doctor.stdout, re.M), doctor.stdout + doctor.stderr
     assert not (home / ".ray").exists(), "the embedded Ray left ~/.ray behind"
     secret = token["RAY_AUTH_TOKEN"]
     for path in [*home.rglob("*"), *ray_tmp.rglob("*")]:
