@@ -16,6 +16,9 @@ from qlora_ray.config import ExperimentConfig, problem
 from qlora_ray.profiles import GpuProfile
 
 ALLOW_CPU_FALLBACK_ENV = "QLORA_RAY_ALLOW_CPU_FALLBACK"
+# totalGlobalMem / nvidia-smi's total when NVML cannot say: the driver keeps 1-2% for itself
+# (a T4: torch's "14.74 GiB total capacity" of nvidia-smi's 15360 MiB).
+DRIVER_SHARE = 0.98
 
 
 class DeviceError(RuntimeError):
@@ -26,9 +29,13 @@ class DeviceError(RuntimeError):
 class Device:
     kind: str  # "cuda" or "cpu"
     name: str
-    total_memory_bytes: int | None
-    bf16: bool
+    total_memory_bytes: int | None  # CUDA: totalGlobalMem, what the caching allocator counts
+    capability: tuple[int, int] | None = None  # CUDA compute capability
     cpu_fallback: bool = False  # a GPU was asked for but the run went to the CPU
+
+    @property
+    def bf16(self) -> bool:
+        return self.kind == "cpu" or bf16_native(self.capability)
 
     @property
     def torch_device(self) -> str:
@@ -41,30 +48,77 @@ class Device:
         return {"": 0} if self.kind == "cuda" else {"": "cpu"}
 
 
+def bf16_native(capability: tuple[int, int] | None) -> bool:
+    """bfloat16 in hardware: Ampere (8.0) and newer.
+
+    Not `torch.cuda.is_bf16_supported()`: by default it also says yes when bf16 merely
+    *works* through emulation (it allocates a bf16 tensor to find out), which it does on a
+    T4 or V100, at a fraction of fp16's speed and with no bf16 tensor cores.
+    """
+    return capability is not None and capability >= (8, 0)
+
+
 def fallback_allowed(flag: bool | None = None) -> bool:
     if flag:
         return True
     return os.environ.get(ALLOW_CPU_FALLBACK_ENV, "").lower() in ("1", "true", "yes")
 
 
+def wants_gpu(cfg: ExperimentConfig) -> bool:
+    return cfg.gpu is not None and cfg.gpu != "cpu"
+
+
 def resolve_device(cfg: ExperimentConfig, cuda: Any, *, allow_cpu_fallback: bool = False) -> Device:
     """Pick the device for `cfg`; a GPU cell that finds no CUDA device fails unless fallback is on.
 
-    Silently training an 8B model on a CPU for days is never what a user wants, so a node
-    whose GPUs are logical only (or whose driver is broken) is an error by default.
+    A cell that asks for no GPU never asks CUDA anything: on a GPU node that would create a
+    context on a card Ray gave to another task. Silently training an 8B model on a CPU for
+    days is never what a user wants, so a GPU cell on a node whose GPUs are logical only (or
+    whose driver is broken) is an error by default.
     """
-    wants_gpu = cfg.gpu is not None and cfg.gpu != "cpu"
+    if not wants_gpu(cfg):
+        return cpu_device()
     if cuda.is_available():
-        props = cuda.get_device_properties(0)
-        return Device("cuda", props.name, int(props.total_memory), bool(cuda.is_bf16_supported()))
-    if wants_gpu and not fallback_allowed(allow_cpu_fallback):
+        return cuda_device(cuda)
+    if not fallback_allowed(allow_cpu_fallback):
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         raise DeviceError(
             f"cell asks for gpu {cfg.gpu!r} but torch sees no CUDA device "
             f"(CUDA_VISIBLE_DEVICES={visible!r}); check the node's driver, or pass "
             f"--allow-cpu-fallback / {ALLOW_CPU_FALLBACK_ENV}=1 to run it on the CPU"
         )
-    return Device("cpu", cpu_name(), _ram_bytes(), bf16=True, cpu_fallback=wants_gpu)
+    return cpu_device(cpu_fallback=True)
+
+
+def cuda_device(cuda: Any) -> Device:
+    """The one visible CUDA device, as torch describes it."""
+    props = cuda.get_device_properties(0)
+    return Device("cuda", props.name, int(props.total_memory), tuple(cuda.get_device_capability(0)))
+
+
+def cpu_device(cpu_fallback: bool = False) -> Device:
+    return Device("cpu", cpu_name(), _ram_bytes(), cpu_fallback=cpu_fallback)
+
+
+def check_kernels(device: Device, arch_list: list[str]) -> None:
+    """Fail early, by name, on a card the installed torch has no kernels for.
+
+    Mirrors torch/cuda/__init__.py `_check_capability`: code built for compute capability X
+    runs on devices of capability >= X (PTX is JIT-compiled forward, never backward). torch
+    only warns; the first kernel launch then fails with "no kernel image is available".
+    """
+    if device.kind != "cuda" or not arch_list or device.capability is None:
+        return
+    have = sorted({int(a.split("_")[1].rstrip("af")) for a in arch_list if "_" in a})
+    cc = device.capability[0] * 10 + device.capability[1]
+    if not any(code <= cc for code in have):
+        lowest = f"{have[0] // 10}.{have[0] % 10}" if have else "?"
+        raise DeviceError(
+            f"{device.name} has compute capability {device.capability[0]}.{device.capability[1]}, "
+            f"and the installed torch has kernels for {lowest} and newer only "
+            f"({' '.join(arch_list)}); use a newer card (the default image serves T4 and newer), "
+            "or a torch build for this card (CUDA 12.6 wheels still include sm_70; docs/docker.md)"
+        )
 
 
 def check_dtype(compute_dtype: str, device: Device) -> None:
@@ -76,10 +130,10 @@ def check_dtype(compute_dtype: str, device: Device) -> None:
 
 
 def check_attention(attn_implementation: str, device: Device, flash_attn_installed: bool) -> None:
-    """FlashAttention-2 needs CUDA, an Ampere+ card (bf16 is the same line) and the package."""
+    """FlashAttention-2 needs CUDA, an Ampere+ card and the package."""
     if attn_implementation != "flash_attention_2":
         return
-    if device.kind != "cuda" or not device.bf16:
+    if device.kind != "cuda" or device.capability is None or device.capability < (8, 0):
         raise DeviceError(
             problem("model.attn_implementation", attn_implementation,
                     f"needs an Ampere or newer GPU, this is {device.name}", "use sdpa")
@@ -91,15 +145,36 @@ def check_attention(attn_implementation: str, device: Device, flash_attn_install
         )
 
 
-def emulate_profile(profile: GpuProfile, device: Device, cuda: Any) -> float | None:
-    """Cap this process to the profile's memory on a bigger card; returns the fraction used."""
+def emulate_profile(
+    profile: GpuProfile, device: Device, cuda: Any, *, context_bytes: int, nvml_total: int | None
+) -> int | None:
+    """Cap this process to what a real `profile` card would leave to PyTorch; returns the cap.
+
+    A real card's allocator gets its totalGlobalMem (below nvidia-smi's total, which the
+    profile holds, by what the driver keeps; taken in the same proportion as on this card
+    when NVML can say) minus the CUDA context (as measured here). The cap is
+    `set_per_process_memory_fraction`, which binds the caching allocator only: it cannot
+    cap the context's later growth (cuBLAS/cuDNN handles, kernels loaded on first use) or
+    bitsandbytes' paged optimizer state (cudaMallocManaged), which on the real card would
+    be paged out to the host under pressure and here stays resident. The row's
+    `cuda_context_bytes` and `paged_optimizer_bytes` show how much of each there was.
+    """
     if device.kind != "cuda" or not device.total_memory_bytes:
         return None
-    fraction = profile.total_bytes / device.total_memory_bytes
+    share = device.total_memory_bytes / nvml_total if nvml_total else DRIVER_SHARE
+    profile_total = int(profile.total_bytes * share)
+    if profile_total > device.total_memory_bytes:
+        raise DeviceError(problem(
+            "emulate_profile", True,
+            f"cannot make {device.name} ({device.total_memory_bytes / 2**30:.1f} GiB) act like "
+            f"the bigger {profile.name} ({profile_total / 2**30:.1f} GiB)",
+            f"run it where every GPU is at least {profile.name}'s size, or drop emulate_profile"))
+    cap = profile_total - context_bytes
+    fraction = cap / device.total_memory_bytes
     if fraction >= 1:
-        return None
-    cuda.set_per_process_memory_fraction(fraction, 0)
-    return fraction
+        return None  # the same card: nothing to cap
+    cuda.set_per_process_memory_fraction(max(fraction, 0.0), 0)
+    return cap
 
 
 def cpu_name() -> str:

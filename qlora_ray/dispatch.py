@@ -47,6 +47,10 @@ class Dispatcher(Generic[T]):
     def __len__(self) -> int:
         return len(self._queue)
 
+    def requeue(self, cell: T) -> None:
+        """Submit `cell` again, before the rest (an OOM back-off retried in a fresh process)."""
+        self._queue.appendleft(cell)
+
     def release(self, running: int) -> list[T]:
         free = len(self._queue) if self.max_parallel is None else max(self.max_parallel - running, 0)
         return [self._queue.popleft() for _ in range(min(free, len(self._queue)))]

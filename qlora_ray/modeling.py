@@ -71,13 +71,14 @@ def load_tokenizer(cfg: ExperimentConfig, path: str) -> Any:
     return tok
 
 
-def load(cfg: ExperimentConfig, device: Device, compute_dtype: str) -> LoadedModel:
-    """Tokenizer + quantized base model on exactly one device + LoRA adapters."""
+def load(cfg: ExperimentConfig, device: Device, compute_dtype: str, tokenizer: Any = None) -> LoadedModel:
+    """Quantized base model on exactly one device + LoRA adapters (+ the tokenizer, unless given)."""
     check_attention(
         cfg.model.attn_implementation, device, importlib.util.find_spec("flash_attn") is not None
     )
     path = resolve_model_path(cfg.model.name)
-    tokenizer = load_tokenizer(cfg, path)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg, path)
     model = AutoModelForCausalLM.from_pretrained(
         path,
         revision=cfg.model.revision,
@@ -139,6 +140,21 @@ def _keep_4bit_layers_trainable(model: Any) -> None:
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def paged_optimizer_bytes() -> int:
+    """Bytes of paged optimizer state bitsandbytes has allocated in this process.
+
+    Paged optimizers keep each state tensor of >= 1e5 elements in cudaMallocManaged memory
+    (bitsandbytes/optim/optimizer.py get_state_buffer), outside PyTorch's caching allocator,
+    and list it in GlobalPageManager.paged_tensors. Nothing ever frees it: the buffers wrap a
+    raw pointer, and the list keeps them alive for the life of the process. So this only
+    grows, and an OOM back-off that retries in the same process would carry the failed
+    attempt's state along (the worker retries in a fresh process instead).
+    """
+    import bitsandbytes.functional as F
+
+    return sum(int(t.nbytes) for t in F.GlobalPageManager.get_instance().paged_tensors)
 
 
 def load_adapter_for_inference(base_path: str, adapter_dir: str, device_map: Any = "cpu") -> PeftModel:

@@ -29,6 +29,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
+from qlora_ray import provenance
+from qlora_ray.config import flatten
+
 STATUSES = ("ok", "oom", "failed", "unschedulable", "skipped")
 TIMESTAMP = pa.timestamp("us", tz="UTC")
 
@@ -99,12 +102,23 @@ RUN_COLUMNS: dict[str, pa.DataType] = {
     "trainable_params": pa.int64(),
     "total_params": pa.int64(),
     # memory
+    # memory (docs/memory.md, "What a row measures"): peak_memory_bytes and the peak_cuda_*,
+    # peak_nvml_*, peak_rss_* columns are the training phase, from memory_source;
+    # peak_train/eval_* are each phase as the card saw it (CUDA: + context, + paged state)
     "peak_memory_bytes": pa.int64(),
     "memory_source": pa.string(),
     "peak_cuda_allocated_bytes": pa.int64(),
     "peak_cuda_reserved_bytes": pa.int64(),
     "peak_nvml_bytes": pa.int64(),
+    "nvml_memory_scope": pa.string(),  # "process", or "device" where NVML cannot see our PID
     "peak_rss_bytes": pa.int64(),
+    "peak_train_bytes": pa.int64(),
+    "peak_eval_bytes": pa.int64(),
+    "peak_eval_before_bytes": pa.int64(),
+    "cuda_context_bytes": pa.int64(),
+    "paged_optimizer_bytes": pa.int64(),
+    "emulated_cap_bytes": pa.int64(),  # emulate_profile: the allocator's cap
+    "backoff_steps": pa.int32(),  # OOM back-off steps taken before the run that made this row
     "predicted_peak_bytes": pa.int64(),
     # time and cost: the planner's prediction (timing.TimePrediction) and the price it used
     "predicted_tokens_per_second": pa.float64(),
@@ -182,6 +196,22 @@ SAMPLE_SCHEMA = pa.schema([pa.field(k, t) for k, t in SAMPLE_COLUMNS.items()])
 def empty_row() -> dict[str, Any]:
     """A row with every contract column present and null."""
     return dict.fromkeys(RUN_COLUMNS)
+
+
+def make_row(
+    cfg: Any, experiment_id: str, spec_name: str, attempt: int, predicted_peak_bytes: int | None,
+    **columns: Any,
+) -> dict[str, Any]:
+    """The one place a run row is assembled: the contract's columns, the flattened config,
+    identity, provenance, then what the run measured (`columns`, which may override the
+    config's values, e.g. the batch size an OOM back-off settled on)."""
+    row = empty_row()
+    row.update(flatten(cfg))
+    row.update(provenance.collect(cuda_version=columns.get("cuda_version")))
+    row.update(experiment_id=experiment_id, spec_name=spec_name, attempt=attempt,
+               predicted_peak_bytes=predicted_peak_bytes)
+    row.update(columns)
+    return row
 
 
 def to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:

@@ -8,7 +8,10 @@ The only module that drives Ray. Read top to bottom:
   `num_gpus=1` and `max_calls=1`, so every experiment gets a fresh worker process with
   exactly one GPU in CUDA_VISIBLE_DEVICES (Ray reuses worker processes when GPUs are only
   given through `.options()`, and a CUDA context would stick to the wrong card). The card
-  type is asked for with `accelerator_type`. Cells without a `gpu` take CPU slots instead.
+  type is asked for with `accelerator_type` (`emulate_profile` cells take any GPU). Cells
+  without a `gpu` take CPU slots instead, with the node's GPUs hidden from them.
+* An OOM back-off that cannot run in the failed process (bitsandbytes' paged optimizer
+  state is never freed) comes back as a retry: the same cell, in a fresh process.
 * Rows are written by the driver as each task returns, so a row exists the moment its
   experiment is done and results can live on any pyarrow filesystem.
 * A cell whose resources no live node offers waits while the autoscaler is launching or
@@ -33,7 +36,7 @@ from typing import Any
 from qlora_ray.config import ExperimentConfig, flatten, to_dict
 from qlora_ray.dispatch import Dispatcher, submission_order
 from qlora_ray.grid import DEFAULT_MAX_CELLS, Spec, load_spec
-from qlora_ray.results import empty_row, redact
+from qlora_ray.results import empty_row, make_row, redact
 from qlora_ray.resume import RowWriter, check_writable, existing_rows
 
 RETRYABLE = ("oom", "failed", "unschedulable")
@@ -93,6 +96,7 @@ class Cell:
     predicted_peak_bytes: int | None
     profile: Any
     attempt: int = 1
+    backoff_steps: int = 0  # OOM back-off steps a retry in a fresh process starts from
     submitted_at: float | None = None
     waiting_since: float | None = None  # since when no live or coming node could run it
     ref: Any = None
@@ -258,6 +262,14 @@ class _Tracker:
 
 def _task(payload: dict[str, Any], tracker: Any) -> Any:
     """Runs in the Ray worker process: one experiment."""
+    import ray
+
+    # Ray sets CUDA_VISIBLE_DEVICES only for tasks that reserved a GPU: set_visible_accelerator_ids
+    # (ray/_private/utils.py) skips an empty id list unless RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO
+    # is set, so a CPU task on a GPU node sees every card, and torch would use GPU 0, which
+    # Ray gave to another task. Hide them before anything imports torch.
+    if not ray.get_runtime_context().get_accelerator_ids().get("GPU"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     from qlora_ray.config import from_dict
     from qlora_ray.worker import run_experiment
 
@@ -409,11 +421,20 @@ def _reload_ray_auth() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+def _accelerator_type(cell: Cell) -> str | None:
+    """The card type a GPU cell asks Ray for. An `emulate_profile` cell asks for none: it
+    exists to run on a bigger card than its profile (the worker caps memory to the profile,
+    and refuses a card smaller than it), and Ray cannot ask for "at least this big"."""
+    if cell.profile is None or not cell.profile.is_gpu or cell.config.emulate_profile:
+        return None
+    return cell.profile.ray_accelerator_type
+
+
 def _requirement(cell: Cell, cpus_per_task: int) -> dict[str, float]:
     if cell.profile is not None and cell.profile.is_gpu:
         req = {"GPU": 1.0, "CPU": float(cpus_per_task)}
-        if cell.profile.ray_accelerator_type:
-            req[f"accelerator_type:{cell.profile.ray_accelerator_type}"] = 0.001
+        if _accelerator_type(cell):
+            req[f"accelerator_type:{_accelerator_type(cell)}"] = 0.001
         return req
     return {"CPU": float(cpus_per_task)}
 
@@ -465,8 +486,8 @@ def _run_cells(
                 task = gpu_task if "GPU" in cell.resources else cpu_task
                 options: dict[str, Any] = {"num_cpus": cpus_per_task,
                                            "name": f"qlora-ray:{cell.config.name}"}
-                if cell.profile is not None and cell.profile.is_gpu and cell.profile.ray_accelerator_type:
-                    options["accelerator_type"] = cell.profile.ray_accelerator_type
+                if _accelerator_type(cell):
+                    options["accelerator_type"] = _accelerator_type(cell)
                 cell.ref = task.options(**options).remote(
                     _payload(cell, spec, results, allow_cpu_fallback, cpus_per_task, cwd), tracker)
                 cell.submitted_at = cell.waiting_since = time.monotonic()
@@ -475,7 +496,14 @@ def _run_cells(
             done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
             for ref in done:
                 cell = running.pop(ref)
-                row, samples = _collect(ref, cell, spec)
+                row, samples, retry_steps = _collect(ref, cell, spec)
+                if retry_steps is not None:
+                    # An OOM back-off that must not reuse the failed process (the worker says
+                    # why in the row's error): the same cell again, in a fresh one.
+                    print(f"  {cell.config.name}: {row['error'][:200]}", file=out, flush=True)
+                    cell.backoff_steps = retry_steps
+                    pending.requeue(cell)
+                    continue
                 row.update(cell.predicted)
                 writer.write(row, samples)
                 rows[cell.experiment_id] = row
@@ -527,19 +555,20 @@ def _payload(
         "allow_cpu_fallback": allow_cpu_fallback,
         "num_threads": cpus,
         "attempt": cell.attempt,
+        "backoff_steps": cell.backoff_steps,
         "cwd": cwd,
         "noop": os.environ.get(NOOP_CELLS_ENV) == "1",
     }
 
 
-def _collect(ref: Any, cell: Cell, spec: Spec) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The task's row, or a row describing how the task itself died."""
+def _collect(ref: Any, cell: Cell, spec: Spec) -> tuple[dict[str, Any], list[dict[str, Any]], int | None]:
+    """The task's row, samples and back-off retry, or a row describing how the task died."""
     import ray
     from ray import exceptions as rex
 
     try:
         output = ray.get(ref)
-        return output.row, output.samples
+        return output.row, output.samples, output.retry_backoff_steps
     except rex.TaskCancelledError:
         status, error = "failed", "cancelled"
     except rex.OutOfMemoryError as e:  # Ray's memory monitor killed the worker
@@ -547,7 +576,7 @@ def _collect(ref: Any, cell: Cell, spec: Spec) -> tuple[dict[str, Any], list[dic
     except (rex.WorkerCrashedError, rex.NodeDiedError, rex.RayTaskError, rex.RayError) as e:
         status, error = "failed", f"{type(e).__name__}: {_first_line(e)}"
     return _driver_row(cell.config, cell.experiment_id, spec.name, status, error, cell.attempt,
-                       cell.predicted_peak_bytes, cell.predicted), []
+                       cell.predicted_peak_bytes, cell.predicted), [], None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -617,16 +646,10 @@ def _driver_row(
     attempt: int, predicted_peak_bytes: int | None, predicted: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A row for a cell whose task never produced one (skipped, unschedulable, crashed)."""
-    from qlora_ray import provenance
-
     now = dt.datetime.now(dt.timezone.utc)
-    row = empty_row()
-    row.update(flatten(cfg))
-    row.update(provenance.collect())
-    row.update(experiment_id=experiment_id, spec_name=spec_name, status=status, error=error,
-               attempt=attempt, predicted_peak_bytes=predicted_peak_bytes, started_at=now,
-               finished_at=now)
-    row.update(predicted or {})
+    row = make_row(cfg, experiment_id, spec_name, attempt, predicted_peak_bytes, status=status,
+                   error=error, started_at=now, finished_at=now)
+    row.update(predicted or {})  # the planner's columns (predicted_peak_bytes among them)
     return row
 
 

@@ -1,26 +1,26 @@
 """One experiment, start to finish, in this process: the function a Ray task runs.
 
-    setup (device, dtype) -> load (model, adapters, data) -> eval before -> train -> eval after
+    setup -> data -> load -> eval before -> train -> eval after (-> save)
 
-It never raises for a per-experiment failure: an out-of-memory error becomes a row with
-status `oom`, anything else `failed`, each with the phase it happened in and the memory
-figures measured so far. Memory is freed before returning.
+Each phase is a function returning what the next one needs; `Record` keeps what the run
+learned and which phase it is in, and becomes the row. It never raises for a
+per-experiment failure: an out-of-memory error becomes a row with status `oom`, anything
+else `failed`, each with the phase it happened in and the memory measured so far. Each
+measured phase (eval before, train, eval after) has its own memory window.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import gc
 import logging
-import math
 import tempfile
-import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from qlora_ray.config import ExperimentConfig, flatten
+from qlora_ray.config import ExperimentConfig
+from qlora_ray.device import Device
+from qlora_ray.measure import MemoryProbe, cuda_context_bytes, free_device_memory
 from qlora_ray.profiles import GpuProfile, get_profile, resolve_compute_dtype
-from qlora_ray.results import empty_row
+from qlora_ray.record import BackoffInFreshProcess, Evaluation, Record, Trained, finite, is_oom
 
 log = logging.getLogger(__name__)
 
@@ -29,27 +29,9 @@ log = logging.getLogger(__name__)
 class RunOutput:
     row: dict[str, Any]
     samples: list[dict[str, Any]] = field(default_factory=list)
-
-
-def is_oom(exc: BaseException) -> bool:
-    """CUDA OOM (torch.cuda.OutOfMemoryError), host OOM (MemoryError), or a backend's text."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    return isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower()
-
-
-def describe_error(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" (at {frames[-1].filename}:{frames[-1].lineno} in {frames[-1].name})" if frames else ""
-    return f"{type(exc).__name__}: {exc}"[:4000] + where
-
-
-def _now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def _finite(x: float | None) -> float | None:
-    return x if x is not None and math.isfinite(x) else None
+    # Set when the run must be retried in a fresh process after this many OOM back-off
+    # steps (the driver does it); the row then says `oom` and why.
+    retry_backoff_steps: int | None = None
 
 
 def run_experiment(
@@ -64,199 +46,215 @@ def run_experiment(
     allow_cpu_fallback: bool = False,
     num_threads: int | None = None,
     attempt: int = 1,
+    backoff_steps: int = 0,
 ) -> RunOutput:
-    """Run one resolved experiment and return its result row (and per-sample rows).
+    """Run one experiment and return its row (and per-sample rows).
 
     `experiment_id` defaults to `cfg.experiment_id`; the driver passes the id of the cell as
     spec'd so that resolving `auto` values does not change it. `batch_size` is the resolved
-    micro-batch when the spec says `auto`.
+    micro-batch when the spec says `auto`; `backoff_steps` OOM back-off steps are applied
+    to it before anything runs.
     """
-    from qlora_ray import provenance
-
-    eid = experiment_id or cfg.experiment_id
-    row = empty_row()
-    row.update(flatten(cfg))
-    row.update(experiment_id=eid, spec_name=spec_name, attempt=attempt,
-               predicted_peak_bytes=predicted_peak_bytes, started_at=_now())
-    samples: list[dict[str, Any]] = []
-    state: dict[str, Any] = {"phase": "setup", "probe": None}
+    record = Record(cfg, experiment_id or cfg.experiment_id, spec_name, attempt, predicted_peak_bytes)
     try:
-        _run_phases(cfg, row, samples, state, batch_size=batch_size, profile=profile,
-                    results=results, spec_name=spec_name, experiment_id=eid,
-                    allow_cpu_fallback=allow_cpu_fallback, num_threads=num_threads)
-        row.update(status="ok", error=None, error_phase=None)
+        with record.phase("setup"):
+            run = record.run = setup(cfg, profile, batch_size, backoff_steps, allow_cpu_fallback, num_threads)
+        with record.phase("data"):
+            tokenizer, data = record.data = prepare(run)
+        with record.phase("load"):
+            loaded = record.loaded = load(run, tokenizer, data)
+        if cfg.eval.before:
+            with record.phase("eval", window="eval_before"):
+                record.before = evaluate(run, loaded, data, "before")
+        with record.phase("train", window="train"):
+            trained = record.trained = train_with_backoff(run, tokenizer, data, loaded)
+        with record.phase("eval", window="eval"):
+            record.after = evaluate(run, trained.loaded, data, "after")
+        if cfg.train.save_adapter and results:
+            with record.phase("save"):
+                record.adapter_path = save_adapter(trained.loaded.model.model, results, spec_name,
+                                                   record.experiment_id)
+    except BackoffInFreshProcess as retry:
+        record.retry_in_fresh_process(retry)
     except Exception as exc:
-        row.update(status="oom" if is_oom(exc) else "failed", error=describe_error(exc),
-                   error_phase=state["phase"])
-        if state["probe"] is not None:
-            try:
-                row.update(state["probe"].read().as_row())  # figures so far, for the post-mortem
-            except Exception:
-                log.debug("could not read memory after failure", exc_info=True)
-    # The model, trainer and data lived in _run_phases' frame, gone now; hand the memory back.
-    _free()
-    row.update(provenance.collect(cuda_version=row.get("cuda_version")))
-    row["finished_at"] = _now()
-    for s in samples:
-        s.update(experiment_id=eid, name=cfg.name)
-    return RunOutput(row, samples)
+        record.fail(exc)
+    output = RunOutput(record.row(), record.samples(), record.retry_backoff_steps)
+    # The model, trainer and data go before the memory is handed back (it never raises).
+    cuda = record.run.cuda if record.run is not None else None
+    del record
+    loaded = trained = data = None
+    free_device_memory(cuda)
+    return output
 
 
-def _run_phases(
-    cfg: ExperimentConfig,
-    row: dict[str, Any],
-    samples: list[dict[str, Any]],
-    state: dict[str, Any],
-    *,
-    batch_size: int | None,
-    profile: GpuProfile | None,
-    results: str | None,
-    spec_name: str,
-    experiment_id: str,
-    allow_cpu_fallback: bool,
-    num_threads: int | None,
-) -> None:
-    """The phases, top to bottom; `state["phase"]` says where a failure happened."""
+# --------------------------------------------------------------------------- phases
+
+
+@dataclass(frozen=True)
+class Run:
+    """What setup settled: the config as it will run, the device, the dtype, the probe."""
+
+    cfg: ExperimentConfig  # batch size resolved, back-off steps applied
+    device: Device
+    compute_dtype: str
+    cuda: Any  # torch.cuda on a GPU, None on the CPU (which then never touches CUDA)
+    probe: MemoryProbe
+    num_threads: int
+    backoff_steps: int = 0
+    emulated_cap_bytes: int | None = None
+    cuda_context_bytes: int | None = None
+    cuda_version: str | None = None  # the CUDA torch was built with (None: a CPU build)
+
+    def backed_off(self) -> Run | None:
+        from qlora_ray.planner import backoff
+
+        smaller = backoff(self.cfg)
+        return None if smaller is None else replace(self, cfg=smaller, backoff_steps=self.backoff_steps + 1)
+
+
+def setup(
+    cfg: ExperimentConfig, profile: GpuProfile | None, batch_size: int | None, backoff_steps: int,
+    allow_cpu_fallback: bool, num_threads: int | None,
+) -> Run:
+    """Device, dtype, kernels, memory cap and probe, and the config as it will run."""
     import torch
 
     from qlora_ray import device as devices
-    from qlora_ray import evaluate as ev
-    from qlora_ray import modeling, provenance
-    from qlora_ray import train as training
-    from qlora_ray.data import make_collator, prepare_data
-    from qlora_ray.measure import MemoryProbe
 
     _quiet_libraries()
     if num_threads:
         # Two experiments sharing a node's cores must not each spawn a thread per core.
         torch.set_num_threads(num_threads)
-    row["num_threads"] = torch.get_num_threads()
-    if profile is None and cfg.gpu not in (None, "cpu"):
+    if profile is None and devices.wants_gpu(cfg):
         profile = get_profile(cfg.gpu)
     device = devices.resolve_device(cfg, torch.cuda, allow_cpu_fallback=allow_cpu_fallback)
-    row.update(device=device.torch_device, device_name=device.name,
-               device_total_memory_bytes=device.total_memory_bytes,
-               cpu_fallback=device.cpu_fallback, cuda_version=torch.version.cuda)
-    compute_dtype = resolve_compute_dtype(cfg.quant.compute_dtype, profile if device.kind == "cuda" else None)
-    if cfg.quant.compute_dtype == "auto" and device.kind == "cuda" and not device.bf16:
-        compute_dtype = "float16"
-    row["compute_dtype"] = compute_dtype
-    devices.check_dtype(compute_dtype, device)
-    if cfg.emulate_profile and profile is not None:
-        devices.emulate_profile(profile, device, torch.cuda)
-    probe = state["probe"] = MemoryProbe(torch.cuda if device.kind == "cuda" else None)
+    cuda = torch.cuda if device.kind == "cuda" else None
+    dtype = compute_dtype(cfg, profile, device)
+    devices.check_dtype(dtype, device)
+    cap = context = None
+    if cuda is not None:
+        devices.check_kernels(device, cuda.get_arch_list())
+        cuda.init()
+    probe = MemoryProbe(cuda)
+    if cuda is not None:
+        context = cuda_context_bytes(cuda)  # the context exists now; nothing is allocated yet
+        if cfg.emulate_profile and profile is not None and profile.is_gpu:
+            nvml_total = probe.nvml_device.total() if probe.nvml_device else None
+            cap = devices.emulate_profile(profile, device, cuda, context_bytes=context or 0,
+                                          nvml_total=nvml_total)
+    run = Run(resolved_config(cfg, batch_size), device, dtype, cuda, probe, torch.get_num_threads(),
+              emulated_cap_bytes=cap, cuda_context_bytes=context, cuda_version=torch.version.cuda)
+    for _ in range(backoff_steps):
+        run = run.backed_off() or run
+    return run
 
+
+def compute_dtype(cfg: ExperimentConfig, profile: GpuProfile | None, device: Device) -> str:
+    """`auto`: bfloat16 where both the profile and the card have it natively, else float16."""
+    dtype = resolve_compute_dtype(cfg.quant.compute_dtype, profile if device.kind == "cuda" else None)
+    if cfg.quant.compute_dtype == "auto" and not device.bf16:
+        return "float16"
+    return dtype
+
+
+def resolved_config(cfg: ExperimentConfig, batch_size: int | None) -> ExperimentConfig:
     bs = batch_size if batch_size is not None else cfg.train.batch_size
     if not isinstance(bs, int):
         raise ValueError("train.batch_size is `auto` but no resolved batch size was passed; "
                          "run through `qlora-ray run`, which plans it, or give an integer")
-    run_cfg = cfg if bs == cfg.train.batch_size else cfg.replace(**{"train.batch_size": bs})
-    embedder = ev.Embedder(cfg.eval.similarity.embedder, device.torch_device,
-                           revision=cfg.eval.similarity.revision, use_safetensors=cfg.model.use_safetensors)
-    evaluated_before = False
-
-    while True:  # more than once only when OOM back-off halves the micro-batch
-        state["phase"] = "load"
-        loaded = modeling.load(run_cfg, device, compute_dtype)
-        data = prepare_data(run_cfg, loaded.tokenizer)
-        trainer = training.make_trainer(
-            loaded.model, loaded.tokenizer, data.train, data.eval, make_collator(loaded.tokenizer),
-            run_cfg, device, compute_dtype, run_cfg.train.batch_size, run_cfg.train.grad_accum,
-        )
-        # The hub commit the weights came from (a branch name like `main` moves).
-        row["model_revision"] = provenance.hub_commit(loaded.path, cfg.model.revision) or cfg.model.revision
-        # The kernel actually used (`auto` resolved by transformers).
-        row["attn_implementation"] = getattr(loaded.model.config, "_attn_implementation", None) \
-            or cfg.model.attn_implementation
-        row.update(trainable_params=loaded.trainable_params, total_params=loaded.total_params,
-                   optim_effective=str(trainer.args.optim.value),
-                   labels=",".join(data.labels or []) or None, labels_note=data.labels_note,
-                   eval_samples=len(data.eval_prompts),
-                   train_examples=data.stats["train_examples"],
-                   train_sequences=data.stats["train_sequences"])
-        if cfg.eval.before and not evaluated_before:
-            # LoRA's B matrices start at zero, so this is the base model's own behaviour.
-            state["phase"] = "eval"
-            before = _evaluate(ev, loaded, data, cfg, embedder, "before", device, compute_dtype)
-            samples.extend(before.samples)
-            row.update(similarity_score_before=before.similarity_score,
-                       accuracy_before=before.accuracy, f1_before=before.f1,
-                       eval_loss_before=_finite(before.eval_loss))
-            evaluated_before = True
-        state["phase"] = "train"
-        probe.reset()
-        smaller = None
-        try:
-            result = training.train(trainer)
-        except Exception as exc:
-            smaller = _backoff(run_cfg) if is_oom(exc) and cfg.train.oom_backoff else None
-            if smaller is None:
-                raise
-        if smaller is None:
-            break
-        log.warning("OOM at micro-batch %d; retrying with %d x %d accumulation",
-                    run_cfg.train.batch_size, smaller.train.batch_size, smaller.train.grad_accum)
-        run_cfg = smaller
-        del loaded, data, trainer
-        _free()
-
-    row.update(probe.read().as_row())
-    row.update(batch_size=run_cfg.train.batch_size, grad_accum=run_cfg.train.grad_accum,
-               train_seconds=result.seconds, train_steps=result.steps, train_tokens=result.tokens,
-               tokens_per_second=result.tokens_per_second, train_loss=_finite(result.loss),
-               train_loss_first=result.loss_first, train_loss_last=result.loss_last)
-
-    state["phase"] = "eval"
-    after = _evaluate(ev, loaded, data, cfg, embedder, "after", device, compute_dtype)
-    row["embedder_revision"] = embedder.commit  # the commit a fixed embedder's files came from
-    samples.extend(after.samples)
-    row.update(similarity_score=after.similarity_score, accuracy=after.accuracy, f1=after.f1,
-               accuracy_majority=after.majority_accuracy, eval_loss=_finite(after.eval_loss),
-               eval_seconds=after.seconds)
-    if cfg.train.save_adapter and results:
-        state["phase"] = "save"
-        row["adapter_path"] = save_adapter(loaded.model, results, spec_name, experiment_id)
+    return cfg if bs == cfg.train.batch_size else cfg.replace(**{"train.batch_size": bs})
 
 
-def _evaluate(ev: Any, loaded: Any, data: Any, cfg: ExperimentConfig, embedder: Any, phase: str,
-              device: Any, compute_dtype: str) -> Any:
-    return ev.evaluate(
-        loaded.model, loaded.tokenizer, data,
-        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+def prepare(run: Run) -> tuple[Any, Any]:
+    """Tokenizer, then the data: a bad dataset fails here, before the model is loaded."""
+    from qlora_ray import modeling
+    from qlora_ray.data import prepare_data
+
+    tokenizer = modeling.load_tokenizer(run.cfg, modeling.resolve_model_path(run.cfg.model.name))
+    return tokenizer, prepare_data(run.cfg, tokenizer)
+
+
+@dataclass
+class Loaded:
+    """The model with its adapters and the Trainer around it, and what the row says of them.
+
+    `release` drops the model and Trainer (an in-process back-off reloads them) and keeps
+    the facts.
+    """
+
+    model: Any  # modeling.LoadedModel
+    trainer: Any  # transformers.Trainer
+    trainable_params: int
+    total_params: int
+    revision: str | None  # the hub commit the weights came from (a branch name like `main` moves)
+    optim_effective: str
+    attn_implementation: str  # the kernel actually used (`auto` resolved by transformers)
+
+    def release(self) -> None:
+        self.model = self.trainer = None
+
+
+def load(run: Run, tokenizer: Any, data: Any) -> Loaded:
+    from qlora_ray import modeling
+    from qlora_ray import train as training
+    from qlora_ray.data import make_collator
+
+    model = modeling.load(run.cfg, run.device, run.compute_dtype, tokenizer=tokenizer)
+    trainer = training.make_trainer(
+        model.model, tokenizer, data.train, data.eval, make_collator(tokenizer), run.cfg, run.device,
+        run.compute_dtype, run.cfg.train.batch_size, run.cfg.train.grad_accum,
+    )
+    from qlora_ray import provenance
+
+    config = model.model.config
+    revision = provenance.hub_commit(model.path, run.cfg.model.revision) or run.cfg.model.revision
+    attn = getattr(config, "_attn_implementation", None) or run.cfg.model.attn_implementation
+    return Loaded(model, trainer, model.trainable_params, model.total_params, revision,
+                  str(trainer.args.optim.value), attn)
+
+
+def evaluate(run: Run, loaded: Loaded, data: Any, phase: str) -> Evaluation:
+    from qlora_ray import evaluate as ev
+
+    # A fixed embedder is loaded for each eval pass and dropped after it, so it never sits
+    # on the GPU through training.
+    embedder = ev.Embedder(run.cfg.eval.similarity.embedder, run.device.torch_device,
+                           revision=run.cfg.eval.similarity.revision,
+                           use_safetensors=run.cfg.model.use_safetensors)
+    result = ev.evaluate(
+        loaded.model.model, loaded.model.tokenizer, data,
+        max_new_tokens=run.cfg.eval.max_new_tokens, batch_size=run.cfg.eval.batch_size,
         embedder=embedder, phase=phase,
         # The autocast training ran under (mixed precision on CUDA), in both phases alike.
-        autocast_dtype=compute_dtype if device.kind == "cuda" else None,
+        autocast_dtype=run.compute_dtype if run.device.kind == "cuda" else None,
     )
+    return Evaluation(result, finite(result.eval_loss), embedder.commit)
 
 
-def _quiet_libraries() -> None:
-    """Keep a grid's output readable: no progress bars or v6-rename notices from every worker."""
-    import warnings
+def train_with_backoff(run: Run, tokenizer: Any, data: Any, loaded: Loaded) -> Trained:
+    """Train; on an OOM with `train.oom_backoff`, retry at the next smaller micro-batch.
 
-    import datasets
-    import transformers
+    The retry runs in this process only when nothing here outlives the failed attempt:
+    bitsandbytes' paged optimizer state cannot be freed, so once there is any (there is
+    only ever on CUDA), the retry goes to a fresh process (`BackoffInFreshProcess`, which
+    the driver turns into a new task).
+    """
+    from qlora_ray import modeling
+    from qlora_ray import train as training
 
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    # transformers 5 renamed gradient_* to activation_* and warns on each old name, which peft
-    # and the Trainer still use internally; nothing for a user to act on.
-    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6",
-                            category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r"torch.utils.checkpoint: the use_reentrant parameter")
-
-
-def _backoff(cfg: ExperimentConfig) -> ExperimentConfig | None:
-    from qlora_ray.planner import backoff
-
-    return backoff(cfg)
-
-
-def _free() -> None:
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    try:
+        return Trained(training.train(loaded.trainer), loaded, run.cfg, run.backoff_steps)
+    except Exception as exc:
+        smaller = run.backed_off() if is_oom(exc) and run.cfg.train.oom_backoff else None
+        if smaller is None:
+            raise
+        if modeling.paged_optimizer_bytes():
+            raise BackoffInFreshProcess(smaller.cfg, smaller.backoff_steps) from exc
+    log.warning("OOM at micro-batch %d; retrying with %d x %d accumulation", run.cfg.train.batch_size,
+                smaller.cfg.train.batch_size, smaller.cfg.train.grad_accum)
+    loaded.release()
+    run.probe.start()  # the failed attempt's memory goes, and the window restarts
+    return train_with_backoff(smaller, tokenizer, data, load(smaller, tokenizer, data))
 
 
 def save_adapter(model: Any, results: str, spec_name: str, experiment_id: str) -> str:
@@ -310,3 +308,19 @@ def _save_adapter_locally(model: Any, parent: str, dest: str) -> None:
             os.rename(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _quiet_libraries() -> None:
+    """Keep a grid's output readable: no progress bars or v6-rename notices from every worker."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    # transformers 5 renamed gradient_* to activation_* and warns on each old name, which peft
+    # and the Trainer still use internally; nothing for a user to act on.
+    warnings.filterwarnings("ignore", message=r".*is deprecated and will be removed in v6",
+                            category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"torch.utils.checkpoint: the use_reentrant parameter")

@@ -49,6 +49,8 @@ def test_dispatch_longest_predicted_first_stable_unpredicted_last_and_max_parall
     assert gate.release(running=2) == []
     assert [c.name for c in gate.release(running=1)] == ["d"]
     assert len(gate) == 2
+    gate.requeue(cells[0])  # a back-off retried in a fresh process goes before the rest
+    assert [c.name for c in gate.release(running=0)] == ["a", "b"]
     assert [c.name for c in Dispatcher(cells).release(running=100)] == ["c", "a", "d", "b", "e"]
     with pytest.raises(ValueError, match="max_parallel"):
         Dispatcher(cells, max_parallel=0)

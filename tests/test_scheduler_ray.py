@@ -116,6 +116,44 @@ def test_gpu_cell_without_cuda_is_a_failed_row_by_default(cluster, tmp_path):
     assert "torch sees no CUDA device" in row.error and "--allow-cpu-fallback" in row.error
 
 
+def test_cpu_cells_see_no_gpu_emulated_cells_take_any_gpu_and_paged_backoff_restarts(cluster, tmp_path):
+    """Issue 13 items 1, 4 and 8 on the real cluster: a CPU cell's process has the node's
+    GPUs hidden; an `emulate_profile` A100-40G cell runs on whatever GPU there is (this
+    cluster has none of its type); an OOM back-off after paged optimizer state reruns the
+    cell in a fresh process at the smaller micro-batch."""
+    import json
+
+    spec = write_spec(tmp_path / "cards.yaml", "cards", runs=[
+        {"name": "on-cpu"},
+        {"name": "emulated", "gpu": "A100-40G", "emulate_profile": True},
+        {"name": "paged", "gpu": "T4", "train.batch_size": 4, "train.oom_backoff": True},
+    ])
+    results, pids = tmp_path / "results", tmp_path / "pids"
+    pids.mkdir()
+    job = {"runtime_env": {"worker_process_setup_hook": "ray_hooks.paged_oom_at_batch_4",
+                           "env_vars": {"PYTHONPATH": str(Path(__file__).parent),
+                                        "QLORA_RAY_TEST_PIDS": str(pids)}}}
+    proc = subprocess.run(
+        [str(BIN / "qlora-ray"), "run", str(spec), "--results", str(results), "--address", cluster.address,
+         "--allow-cpu-fallback", "--unschedulable-timeout", "5"],
+        env={**cluster.env, "RAY_JOB_CONFIG_JSON_ENV_VAR": json.dumps(job)},
+        capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    df = read_runs(results, "cards").set_index("name")
+    assert (df.status == "ok").all()
+
+    cpu = df.loc["on-cpu"]
+    assert cpu.cuda_visible_devices == "" and cpu.device == "cpu" and not cpu.cpu_fallback
+    emulated = df.loc["emulated"]
+    assert emulated.cuda_visible_devices in ("0", "1") and emulated.emulate_profile
+    paged = df.loc["paged"]
+    failed_pids = {int(p.name) for p in pids.iterdir()}
+    assert len(failed_pids) == 1 and paged.worker_pid not in failed_pids  # a fresh process
+    assert (paged.batch_size, paged.grad_accum, paged.backoff_steps) == (2, 2, 1)
+    assert "in a fresh process" in proc.stdout
+
+
 # Where the driver is SIGKILLed (tests/kill_driver.py): kind, and which write of a run it hits.
 # The two `skipped` rows (cells the planner refuses, --skip-unfit) are written first, before
 # Ray starts; the trained cells' rows follow, one at a time (--max-parallel 1).

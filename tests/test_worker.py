@@ -41,17 +41,12 @@ def run(cfg: ExperimentConfig, **kw):
 def test_4bit_layers_are_bitsandbytes_linear4bit_with_the_requested_quantization():
     import bitsandbytes as bnb
 
-    from qlora_ray.device import resolve_device
+    from qlora_ray.device import cpu_device
     from qlora_ray.modeling import load
-
-    class NoCuda:
-        @staticmethod
-        def is_available():
-            return False
 
     for quant_type, double in (("nf4", True), ("fp4", False)):
         cfg = fast(**{"quant.type": quant_type, "quant.double_quant": double})
-        loaded = load(cfg, resolve_device(cfg, NoCuda), "float32")
+        loaded = load(cfg, cpu_device(), "float32")
         layers = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
         assert len(layers) == 2 * 7  # every projection of both decoder layers
         for layer in layers:
@@ -65,18 +60,13 @@ def test_4bit_layers_are_bitsandbytes_linear4bit_with_the_requested_quantization
 
 
 def test_parameter_counts_undo_4bit_packing():
-    from qlora_ray.device import resolve_device
+    from qlora_ray.device import cpu_device
     from qlora_ray.modeling import load
-
-    class NoCuda:
-        @staticmethod
-        def is_available():
-            return False
 
     counts = {}
     for bits in (4, 16):
         cfg = fast(**{"quant.bits": bits})
-        loaded = load(cfg, resolve_device(cfg, NoCuda), "float32")
+        loaded = load(cfg, cpu_device(), "float32")
         counts[bits] = (loaded.trainable_params, loaded.total_params)
     assert counts[4] == counts[16]  # two 4-bit weights per byte are counted as two weights
 
@@ -91,6 +81,7 @@ def ok_run():
 
 def test_row_has_every_contract_column_with_the_right_type(ok_run, tmp_path):
     row = ok_run.row
+    assert ok_run.retry_backoff_steps is None
     assert row["status"] == "ok", row["error"]
     assert set(row) <= set(RUN_COLUMNS)
     must = {
@@ -180,8 +171,13 @@ def test_out_of_memory_in_each_phase_is_an_oom_row(monkeypatch, target, phase):
     assert out.row["error_phase"] == phase
     assert "Tried to allocate" in out.row["error"]
     assert out.row["finished_at"] is not None
-    if phase != "load":
-        assert out.row["peak_memory_bytes"] and out.row["memory_source"] == "cpu_rss"  # figures so far
+    # the figures so far, each in its phase's own column: the eval that failed is the one
+    # before training, so there is no training peak to report
+    measured = {"load": None, "train": "peak_memory_bytes", "eval": "peak_eval_before_bytes"}[phase]
+    if measured:
+        assert out.row[measured] > 50 * 2**20 and out.row["memory_source"] == "cpu_rss"
+    if phase == "eval":
+        assert out.row["peak_memory_bytes"] is None and out.row["peak_train_bytes"] is None
 
 
 def test_host_memory_error_and_other_exceptions(monkeypatch):
@@ -198,6 +194,24 @@ def test_host_memory_error_and_other_exceptions(monkeypatch):
     row = run(fast()).row
     assert (row["status"], row["error_phase"]) == ("failed", "train")
     assert row["error"].startswith("ValueError: tokenizer exploded")
+
+
+@pytest.mark.parametrize(("message", "oom"), [
+    # aten/src/ATen/cuda/Exceptions.h TORCH_CUDABLAS_CHECK / AT_CUDNN_CHECK messages
+    ("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`", True),
+    ("CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasCreate(handle)`", True),
+    ("cuDNN error: CUDNN_STATUS_ALLOC_FAILED", True),
+    ("CUDA out of memory. Tried to allocate 20.00 MiB", True),
+    ("CUDA error: CUBLAS_STATUS_NOT_INITIALIZED when calling `cublasSetStream(handle, stream)`", False),
+    ("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx(...)`", False),
+    ("cuDNN error: CUDNN_STATUS_BAD_PARAM", False),
+])
+def test_library_allocation_failures_are_out_of_memory(message, oom):
+    """Issue 13 item 7: cuBLAS/cuDNN allocation failures never say "out of memory", and
+    must still become `oom` rows (and trigger the back-off)."""
+    from qlora_ray.record import is_oom
+
+    assert is_oom(RuntimeError(message)) is oom
 
 
 def test_oom_backoff_halves_the_micro_batch_and_keeps_the_effective_batch(monkeypatch):
@@ -220,6 +234,72 @@ def test_oom_backoff_halves_the_micro_batch_and_keeps_the_effective_batch(monkey
     assert row["batch_size_requested"] == "4"
 
 
+def test_a_backoff_after_paged_optimizer_state_goes_to_a_fresh_process(monkeypatch):
+    """Issue 13 item 8: bitsandbytes never frees paged optimizer state, so once there is any,
+    the retry is handed to the driver (a fresh process) with the back-off step to start
+    from, and that run settles on the smaller micro-batch."""
+    import bitsandbytes.functional as F
+    from fake_cuda import paged_tensor
+
+    import qlora_ray.train as training
+
+    real_train = training.train
+    pages = F.GlobalPageManager.get_instance().paged_tensors
+    paged = paged_tensor(4 * 2**20)
+
+    def oom_after_the_optimizer_paged_its_state(trainer):
+        if trainer.args.per_device_train_batch_size == 4:
+            pages.append(paged)  # what bitsandbytes' get_state_buffer does on a GPU
+            raise __import__("torch").cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return real_train(trainer)
+
+    monkeypatch.setattr("qlora_ray.train.train", oom_after_the_optimizer_paged_its_state)
+    cfg = fast(**{"train.batch_size": 4, "train.grad_accum": 1, "train.oom_backoff": True,
+                  "eval.before": False})
+    try:
+        first = run(cfg)
+    finally:
+        pages.remove(paged)
+    assert first.retry_backoff_steps == 1
+    assert (first.row["status"], first.row["error_phase"]) == ("oom", "train")
+    assert "retry at batch_size 2 x grad_accum 2 in a fresh process" in first.row["error"]
+    assert "paged optimizer state" in first.row["error"]
+
+    second = run(cfg, backoff_steps=first.retry_backoff_steps)
+    row = second.row
+    assert row["status"] == "ok", row["error"]
+    assert second.retry_backoff_steps is None
+    assert (row["batch_size"], row["grad_accum"], row["backoff_steps"]) == (2, 2, 1)
+    assert row["batch_size_requested"] == "4"
+
+
+def test_memory_is_measured_per_phase_and_a_failed_eval_leaves_the_training_peak(monkeypatch):
+    """Issue 9 item 5 / issue 13 items 2 and 11 on the CPU: eval before, training and eval
+    after each have their own peak; 300 MiB held only by eval before, and by an eval after
+    that then fails, appear in those phases' columns and never in the training peak."""
+    import qlora_ray.evaluate as ev
+
+    real_evaluate = ev.evaluate
+    block = 300 * 2**20
+
+    def heavy_eval(*args, phase, **kwargs):
+        held = bytearray(block)
+        for i in range(0, block, 4096):
+            held[i] = 1  # touched, so it is resident
+        if phase == "after":
+            raise RuntimeError("generation failed")
+        return real_evaluate(*args, phase=phase, **kwargs)
+
+    monkeypatch.setattr("qlora_ray.evaluate.evaluate", heavy_eval)
+    row = run(fast()).row
+    assert (row["status"], row["error_phase"]) == ("failed", "eval")
+    assert row["train_seconds"] > 0 and row["memory_source"] == "cpu_rss"
+    assert row["peak_memory_bytes"] == row["peak_train_bytes"] == row["peak_rss_bytes"]
+    assert row["peak_eval_before_bytes"] > row["peak_train_bytes"] + 200 * 2**20
+    assert row["peak_eval_bytes"] > row["peak_train_bytes"] + 200 * 2**20
+    assert row["cuda_context_bytes"] is None and row["paged_optimizer_bytes"] is None  # CPU
+
+
 def test_saved_adapter_loads_with_peft_on_the_base_model(tmp_path):
     from qlora_ray.modeling import load_adapter_for_inference, resolve_model_path
 
@@ -233,19 +313,15 @@ def test_saved_adapter_loads_with_peft_on_the_base_model(tmp_path):
 
 
 def test_bf16_refused_on_a_gpu_without_it(monkeypatch):
-    """The device check runs on a thin fake T4 before anything loads."""
-    from types import SimpleNamespace
+    """The device check runs on the fake T4 before anything loads. torch's own
+    is_bf16_supported() says yes on a T4 (emulation); the compute capability says no."""
+    from fake_cuda import FakeCuda, install
 
-    import torch
-
-    fake = SimpleNamespace(
-        is_available=lambda: True, is_bf16_supported=lambda: False,
-        get_device_properties=lambda i: SimpleNamespace(name="Tesla T4", total_memory=15 * 2**30),
-    )
-    monkeypatch.setattr(torch, "cuda", SimpleNamespace(**{**vars(torch.cuda), **vars(fake)}))
+    cuda = install(monkeypatch, FakeCuda("T4"))
     row = run(fast(**{"quant.compute_dtype": "bfloat16", "gpu": "T4"})).row
     assert (row["status"], row["error_phase"]) == ("failed", "setup")
     assert "`quant.compute_dtype` is not supported on Tesla T4" in row["error"]
+    assert "set_per_process_memory_fraction" not in cuda.calls
 
 
 def test_an_eval_pass_does_not_break_gradients_through_4bit_layers():
@@ -253,20 +329,15 @@ def test_an_eval_pass_does_not_break_gradients_through_4bit_layers():
     gradients of the first layer's adapters must be the same with and without such a pass."""
     import torch
 
-    from qlora_ray.device import resolve_device
+    from qlora_ray.device import cpu_device
     from qlora_ray.modeling import load
-
-    class NoCuda:
-        @staticmethod
-        def is_available():
-            return False
 
     cfg = fast(**{"train.gradient_checkpointing": False, "lora.dropout": 0.0})
     ids = torch.randint(10, 500, (2, 24), generator=torch.Generator().manual_seed(0))
     grads = []
     for evaluate_first in (False, True):
         torch.manual_seed(0)
-        model = load(cfg, resolve_device(cfg, NoCuda), "float32").model
+        model = load(cfg, cpu_device(), "float32").model
         if evaluate_first:
             model.eval()
             with torch.no_grad():
