@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import importlib.util
 import json
 import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +26,13 @@ from qlora_ray.grid import DEFAULT_MAX_CELLS, Spec, load_spec
 from qlora_ray.lengths import batch_shape
 from qlora_ray.memory import Architecture, Estimate, Shape, architecture, estimate, largest_batch
 from qlora_ray.modelcheck import model_problems
-from qlora_ray.profiles import GpuProfile, capability_problems, get_profile, resolve_compute_dtype
+from qlora_ray.profiles import (
+    IMAGE_MIN_CAPABILITY,
+    GpuProfile,
+    capability_problems,
+    get_profile,
+    resolve_compute_dtype,
+)
 from qlora_ray.timing import Factors, TimePrediction, predict
 from qlora_ray.units import GIB, hms
 from qlora_ray.workload import DataLengths, data_lengths
@@ -273,7 +282,9 @@ def plan_cell(
     """
     profile = get_profile(cfg.gpu, profiles) if cfg.gpu is not None else None
     compute = resolve_compute_dtype(cfg.quant.compute_dtype, profile)
-    problems = capability_problems(profile, cfg.quant.compute_dtype, cfg.model.attn_implementation)
+    min_cc, flash_attn = runtime_support()
+    problems = capability_problems(profile, cfg.quant.compute_dtype, cfg.model.attn_implementation,
+                                   min_capability=min_cc, flash_attn_installed=flash_attn)
     notes: list[str] = []
     if cfg.emulate_profile and (profile is None or not profile.is_gpu):
         problems.append(problem("emulate_profile", True, "needs a GPU profile to emulate",
@@ -334,6 +345,24 @@ def plan_cell(
         breakdown=est.breakdown, fits=fits, problems=problems, notes=notes, estimate=est,
         tight=tight, shape=shape, family=arch.family, correction=corr,
     )
+
+
+@functools.cache
+def runtime_support() -> tuple[tuple[int, int], bool]:
+    """(lowest compute capability the installed torch serves, flash-attn installed).
+
+    Read without importing either: planning stays fast, and in the image (or on the
+    cluster's nodes) the installed torch is the one the cells will run. torch's version tag
+    names its CUDA build (`2.13.0+cu126`); a build without one (PyPI's default, CUDA 13 on
+    Linux) or a CPU build is taken as the image's.
+    """
+    try:
+        tag = metadata.version("torch").partition("+")[2]
+    except metadata.PackageNotFoundError:
+        tag = ""
+    old_cuda = tag.startswith("cu") and tag[2:].isdigit() and int(tag[2:]) <= 126
+    min_cc = (5, 0) if old_cuda else IMAGE_MIN_CAPABILITY
+    return min_cc, importlib.util.find_spec("flash_attn") is not None
 
 
 def _fit_hint(cfg: ExperimentConfig, arch: Architecture, profile: GpuProfile, budget: int,

@@ -171,13 +171,35 @@ def resolve_compute_dtype(requested: str, profile: GpuProfile | None) -> str:
     return "float16"
 
 
+# The CUDA 13 builds of torch 2.13 and bitsandbytes 0.50 (what the image installs) carry
+# kernels for compute capability 7.5 and newer: torch/cuda/__init__.py
+# PYTORCH_RELEASES_CODE_CC["13.0"] starts at 75, and CUDA 13 itself dropped 7.0. PyTorch's
+# CUDA 12.6 builds (and bitsandbytes' cuda126 library) still include 7.0 (V100).
+IMAGE_MIN_CAPABILITY = (7, 5)
+
+
 def capability_problems(
-    profile: GpuProfile | None, compute_dtype: str, attn_implementation: str
+    profile: GpuProfile | None, compute_dtype: str, attn_implementation: str, *,
+    min_capability: tuple[int, int] | None = None, flash_attn_installed: bool = True,
 ) -> list[str]:
-    """What the card cannot do that the cell asks for (`compute_dtype` as requested)."""
+    """What the card (or the software that will drive it) cannot do that the cell asks for.
+
+    `compute_dtype` as requested. `min_capability`: the lowest compute capability the torch
+    build has kernels for (None: not checked). `flash_attn_installed`: whether the
+    flash-attn package is there (the image has none: it compiles against CUDA at install).
+    """
     if profile is None:
         return []
     out: list[str] = []
+    cc = tuple(int(x) for x in profile.compute_capability.split("."))
+    if profile.is_gpu and min_capability is not None and cc < min_capability:
+        lowest = ".".join(map(str, min_capability))
+        out.append(problem("gpu", profile.name,
+                           f"needs a card the installed torch has kernels for (compute capability "
+                           f"{lowest} and newer, as in the default image's CUDA 13 build), and "
+                           f"{profile.name} has {profile.compute_capability}",
+                           "use a T4 or newer card, or CUDA 12.6 builds of torch and bitsandbytes "
+                           "(docs/docker.md, \"Which cards\")"))
     if compute_dtype == "bfloat16" and not profile.bf16:
         out.append(problem("quant.compute_dtype", "bfloat16",
                            f"needs a GPU with bf16 (compute capability >= 8.0), and {profile.name} "
@@ -186,6 +208,12 @@ def capability_problems(
         out.append(problem("model.attn_implementation", "flash_attention_2",
                            f"needs an Ampere or newer GPU, and {profile.name} has compute capability "
                            f"{profile.compute_capability}", "use sdpa"))
+    elif attn_implementation == "flash_attention_2" and not flash_attn_installed:
+        out.append(problem("model.attn_implementation", "flash_attention_2",
+                           "needs the flash-attn package, which neither this environment nor the "
+                           "default image has",
+                           "use sdpa (on Ampere and newer it runs FlashAttention kernels too), or "
+                           "install flash-attn where the cells run and plan there"))
     return out
 
 

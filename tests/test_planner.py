@@ -109,9 +109,44 @@ def test_auto_dtype_resolves_per_card_and_keeps_the_request() -> None:
                    grid={"gpu": ["T4", "V100", "A10G", "H100", "cpu"]})
     got = {p.gpu: (p.compute_dtype, p.to_json()["compute_dtype_requested"], p.problems)
            for p in plan_spec(spec)}
-    assert got == {"T4": ("float16", "auto", []), "V100": ("float16", "auto", []),
-                   "A10G": ("bfloat16", "auto", []), "H100": ("bfloat16", "auto", []),
-                   "cpu": ("bfloat16", "auto", [])}
+    v100 = got.pop("V100")
+    assert got == {"T4": ("float16", "auto", []), "A10G": ("bfloat16", "auto", []),
+                   "H100": ("bfloat16", "auto", []), "cpu": ("bfloat16", "auto", [])}
+    assert v100[:2] == ("float16", "auto") and len(v100[2]) == 1  # no kernels: see below
+
+
+def test_cards_and_attention_the_software_cannot_serve_are_plan_problems(monkeypatch) -> None:
+    """Issue 13 item 10: the CUDA 13 torch and bitsandbytes the image installs have no sm_70
+    kernels (V100), and the image has no flash-attn; both used to plan fine."""
+    from importlib import metadata
+
+    from qlora_ray import planner
+
+    spec = spec_of(base={"model": "builtin:tiny-llama", "quant": {"compute_dtype": "float16"}},
+                   grid={"gpu": ["V100", "V100-32G", "T4", "A100-40G"],
+                         "model.attn_implementation": ["sdpa", "flash_attention_2"]})
+    read_installed = planner.runtime_support.__wrapped__
+    monkeypatch.setattr(planner, "runtime_support", lambda: ((7, 5), False))
+    problems = {(p.gpu, p.config.model.attn_implementation): p.problems for p in plan_spec(spec)}
+    for gpu in ("V100", "V100-32G"):
+        (kernels,) = problems[gpu, "sdpa"]
+        assert kernels.startswith("`gpu` needs a card the installed torch has kernels for")
+        assert "has 7.0" in kernels and "CUDA 12.6" in kernels
+    assert problems["T4", "sdpa"] == [] and problems["A100-40G", "sdpa"] == []
+    (fa2,) = problems["A100-40G", "flash_attention_2"]
+    assert "needs the flash-attn package" in fa2 and "use sdpa" in fa2
+    assert "needs an Ampere or newer GPU" in problems["T4", "flash_attention_2"][0]
+
+    # where flash-attn is installed and torch is a CUDA 12.6 build, both are fine
+    monkeypatch.setattr(planner, "runtime_support", lambda: ((5, 0), True))
+    problems = {(p.gpu, p.config.model.attn_implementation): p.problems for p in plan_spec(spec)}
+    assert problems["V100", "sdpa"] == [] and problems["A100-40G", "flash_attention_2"] == []
+
+    # and the torch build is read from its version tag, without importing it
+    for version, min_cc in (("2.13.0", (7, 5)), ("2.13.0+cu130", (7, 5)), ("2.13.0+cpu", (7, 5)),
+                            ("2.13.0+cu126", (5, 0))):
+        monkeypatch.setattr(metadata, "version", lambda dist, v=version: v)
+        assert read_installed()[0] == min_cc
 
 
 def test_auto_batch_is_the_largest_that_fits_with_margin() -> None:
