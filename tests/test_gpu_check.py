@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
-from fake_cuda import CARDS, MiB, FakeCuda, FakeNvml
+from fake_cuda import CARDS, FakeCuda, FakeNvml, MiB
 
 from qlora_ray.config import ExperimentConfig
 from qlora_ray.device import cuda_device, emulate_profile
