@@ -347,7 +347,7 @@ def measure(
         run_cfg = cfg.replace(**{"model.name": str(folder), "quant.compute_dtype": compute,
                                  "train.max_steps": steps, "train.logging_steps": 1000,
                                  "train.warmup_ratio": 0.0})
-        device = Device(kind="cpu", name="cpu", total_memory_bytes=None, bf16=True)
+        device = Device(kind="cpu", name="cpu", total_memory_bytes=None)  # bf16: yes on the CPU
         loaded = modeling.load(run_cfg, device, compute)
         train_ds = datasets.Dataset.from_list(_rows(bs * steps * run_cfg.train.grad_accum, seq, answer,
                                                     vocab, 0, padded))
