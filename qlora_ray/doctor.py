@@ -26,7 +26,6 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any, Literal
 
 from qlora_ray.config import ConfigError
@@ -335,7 +334,7 @@ def _gpu_type_check(gpu: str, profile: Any, spec: Any, nodes: list[dict[str, Any
     from qlora_ray.cluster import describe_request
     from qlora_ray.scheduler import _feasible, _requirement
 
-    request = _requirement(SimpleNamespace(profile=profile), 1)
+    request = _requirement(profile, 1)
     cells = sum(1 for c in spec.cells if c.gpu == gpu)
     offering = [n for n in nodes if _feasible(request, [n])]
     if offering:

@@ -421,20 +421,21 @@ def _reload_ray_auth() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
-def _accelerator_type(cell: Cell) -> str | None:
+def _accelerator_type(profile: Any, emulate: bool = False) -> str | None:
     """The card type a GPU cell asks Ray for. An `emulate_profile` cell asks for none: it
     exists to run on a bigger card than its profile (the worker caps memory to the profile,
     and refuses a card smaller than it), and Ray cannot ask for "at least this big"."""
-    if cell.profile is None or not cell.profile.is_gpu or cell.config.emulate_profile:
+    if profile is None or not profile.is_gpu or emulate:
         return None
-    return cell.profile.ray_accelerator_type
+    return profile.ray_accelerator_type
 
 
-def _requirement(cell: Cell, cpus_per_task: int) -> dict[str, float]:
-    if cell.profile is not None and cell.profile.is_gpu:
+def _requirement(profile: Any, cpus_per_task: int, emulate: bool = False) -> dict[str, float]:
+    """The Ray resources a cell on `profile` asks for (`emulate`: its `emulate_profile`)."""
+    if profile is not None and profile.is_gpu:
         req = {"GPU": 1.0, "CPU": float(cpus_per_task)}
-        if _accelerator_type(cell):
-            req[f"accelerator_type:{_accelerator_type(cell)}"] = 0.001
+        if _accelerator_type(profile, emulate):
+            req[f"accelerator_type:{_accelerator_type(profile, emulate)}"] = 0.001
         return req
     return {"CPU": float(cpus_per_task)}
 
@@ -482,12 +483,13 @@ def _run_cells(
     try:
         while len(pending) or running:
             for cell in pending.release(len(running)):
-                cell.resources = _requirement(cell, cpus_per_task)
+                cell.resources = _requirement(cell.profile, cpus_per_task, cell.config.emulate_profile)
                 task = gpu_task if "GPU" in cell.resources else cpu_task
                 options: dict[str, Any] = {"num_cpus": cpus_per_task,
                                            "name": f"qlora-ray:{cell.config.name}"}
-                if _accelerator_type(cell):
-                    options["accelerator_type"] = _accelerator_type(cell)
+                accelerator = _accelerator_type(cell.profile, cell.config.emulate_profile)
+                if accelerator:
+                    options["accelerator_type"] = accelerator
                 cell.ref = task.options(**options).remote(
                     _payload(cell, spec, results, allow_cpu_fallback, cpus_per_task, cwd), tracker)
                 cell.submitted_at = cell.waiting_since = time.monotonic()

@@ -15,7 +15,6 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import jsonschema
@@ -23,7 +22,6 @@ import pytest
 import ray.autoscaler
 import yaml
 
-from qlora_ray.config import ExperimentConfig
 from qlora_ray.grid import load_spec
 from qlora_ray.profiles import BUILTIN_PROFILES, get_profile
 from qlora_ray.scheduler import _requirement
@@ -100,8 +98,7 @@ def test_the_autoscaler_starts_the_matching_node_for_a_queued_experiment(
         get_nodes_for,
     )
 
-    cell = SimpleNamespace(profile=BUILTIN_PROFILES[card], config=ExperimentConfig(gpu=card))
-    demand = _requirement(cell, cpus_per_task=1)
+    demand = _requirement(BUILTIN_PROFILES[card], cpus_per_task=1)
     to_add, unfulfilled = get_nodes_for(
         prepared["available_node_types"], existing_nodes={"head": 1}, head_node_type="head",
         max_to_add=5, resources=[demand],
@@ -115,8 +112,8 @@ def test_every_cell_of_the_shipped_gpu_grid_has_a_node_type(config: dict[str, An
     spec = load_spec(ROOT / "experiments" / "gpu_profiles.yaml")
     offered = [t["resources"] for t in config["available_node_types"].values()]
     for cell in spec.cells:
-        demand = _requirement(SimpleNamespace(profile=get_profile(cell.gpu, spec.profiles), config=cell),
-                              cpus_per_task=1)
+        demand = _requirement(get_profile(cell.gpu, spec.profiles), cpus_per_task=1,
+                              emulate=cell.emulate_profile)
         assert any(all(res.get(k, 0) >= v for k, v in demand.items()) for res in offered), (cell.name, demand)
 
 
