@@ -79,11 +79,11 @@ def test_gemma2_plans_with_the_kernel_it_supports_and_rejects_sdpa(
 
 def test_gemma2_auto_loads_with_eager_attention(gemma2: Path) -> None:
     from qlora_ray import modeling
-    from qlora_ray.device import Device
+    from qlora_ray.device import cpu_device
 
     cfg = from_dict(ExperimentConfig, {"model": str(gemma2), "quant": {"compute_dtype": "float32"}})
     assert cfg.model.attn_implementation == "auto"
-    loaded = modeling.load(cfg, Device("cpu", "cpu", None, bf16=True), "float32")
+    loaded = modeling.load(cfg, cpu_device(), "float32")
     assert loaded.model.config._attn_implementation == "eager"
 
 
