@@ -157,7 +157,7 @@ def test_pickled_only_weights_are_a_plan_problem_and_refused_at_load_unless_allo
 
     from qlora_ray import modeling
     from qlora_ray.builtin import ensure_builtin
-    from qlora_ray.device import Device
+    from qlora_ray.device import cpu_device
 
     # an older repository's layout: the weights only as a pickled pytorch_model.bin
     folder = tmp_path / "old-model"
@@ -178,7 +178,7 @@ def test_pickled_only_weights_are_a_plan_problem_and_refused_at_load_unless_allo
     rc, cells = plan_json(tmp_path, capsys, allowed)
     assert rc == 0 and cells[0]["problems"] == []
 
-    cpu = Device("cpu", "cpu", None, bf16=True)
+    cpu = cpu_device()
     cfg = from_dict(ExperimentConfig, {"model": str(folder), "quant": {"compute_dtype": "float32"}})
     with pytest.raises(OSError, match=r"no file named model\.safetensors"):
         modeling.load(cfg, cpu, "float32")
