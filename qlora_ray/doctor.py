@@ -325,17 +325,21 @@ def spec_checks(spec: Any, model_configs: list[str], nodes: list[dict[str, Any]]
                              "--skip-unfit"))
         else:
             out.append(Check("ok", "plan", f"{len(plans)} cells, all fit their GPU profile"))
-    for gpu in sorted({c.gpu for c in spec.cells if c.gpu and c.gpu != "cpu"}):
-        out.append(_gpu_type_check(gpu, get_profile(gpu, spec.profiles), spec, nodes, view))
+    # As the scheduler asks: an `emulate_profile` cell wants any GPU, not its profile's type.
+    for gpu, emulate in sorted({(c.gpu, c.emulate_profile) for c in spec.cells if c.gpu and c.gpu != "cpu"}):
+        out.append(_gpu_type_check(gpu, get_profile(gpu, spec.profiles), spec, nodes, view, emulate))
     return out
 
 
-def _gpu_type_check(gpu: str, profile: Any, spec: Any, nodes: list[dict[str, Any]], view: Any) -> Check:
+def _gpu_type_check(gpu: str, profile: Any, spec: Any, nodes: list[dict[str, Any]], view: Any,
+                    emulate: bool = False) -> Check:
     from qlora_ray.cluster import describe_request
     from qlora_ray.scheduler import _feasible, _requirement
 
-    request = _requirement(profile, 1)
-    cells = sum(1 for c in spec.cells if c.gpu == gpu)
+    request = _requirement(profile, 1, emulate)
+    cells = sum(1 for c in spec.cells if c.gpu == gpu and c.emulate_profile == emulate)
+    if emulate:
+        gpu += f" (emulate_profile: any GPU; the worker refuses one smaller than {gpu})"
     offering = [n for n in nodes if _feasible(request, [n])]
     if offering:
         return Check("ok", "gpu type", f"{gpu}: {len(offering)} node(s) offer {describe_request(request)}")

@@ -135,6 +135,12 @@ def test_spec_checks_config_json_plan_datasets_and_gpu_types(tmp_path: Path, mon
     h100 = by_name(growing, "gpu type")[0]
     assert h100.status == "warn" and "ray_cluster.yaml" in h100.fix
 
+    # An emulate_profile cell asks for any GPU (as the scheduler does), so the T4 node serves it.
+    emulated = doctor.spec_checks(_spec(tmp_path, emulate_profile=True), [str(CONFIGS)], NODES, fixed)
+    h100, t4 = by_name(emulated, "gpu type")
+    assert h100.status == "ok" and h100.detail.startswith("H100 (emulate_profile: any GPU;"), h100.line()
+    assert "1 node(s) offer GPU=1, CPU=1" in h100.detail and "accelerator_type" not in h100.detail
+
     # The gated model's config.json, with no token and no network: the fix names HF_TOKEN.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
