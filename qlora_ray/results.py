@@ -101,7 +101,6 @@ RUN_COLUMNS: dict[str, pa.DataType] = {
     "train_loss_last": pa.float64(),
     "trainable_params": pa.int64(),
     "total_params": pa.int64(),
-    # memory
     # memory (docs/memory.md, "What a row measures"): peak_memory_bytes and the peak_cuda_*,
     # peak_nvml_*, peak_rss_* columns are the training phase, from memory_source;
     # peak_train/eval_* are each phase as the card saw it (CUDA: + context, + paged state)
