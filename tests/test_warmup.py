@@ -17,7 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qlora_ray.config import ExperimentConfig, from_dict
-from qlora_ray.device import Device
+from qlora_ray.device import cpu_device
 from qlora_ray.train import make_trainer, train
 
 STEPS = 20
@@ -41,7 +41,7 @@ def learning_rates(warmup_ratio: float, scheduler: str) -> list[float]:
         "max_steps": STEPS, "learning_rate": LR, "warmup_ratio": warmup_ratio, "lr_scheduler": scheduler,
         "optim": "adamw_torch", "logging_steps": 1, "batch_size": 2}})
     data = [{"input_ids": torch.randint(0, 32, (8,))} for _ in range(2 * STEPS)]
-    cpu = Device("cpu", "cpu", None, bf16=True)
+    cpu = cpu_device()
     trainer = make_trainer(tiny_model(), None, data, data[:2], collate, cfg, cpu, "float32", 2, 1)
     train(trainer)
     return [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
