@@ -2,9 +2,9 @@
 
 Run it through scripts/gpu-check.sh (docs/gpu-check.md). It needs one NVIDIA GPU, the
 package (or the image) and about five minutes. It writes a grid for this card on the
-built-in tiny model, runs it with `qlora-ray run` (embedded Ray), runs one emulated cell
-capped to run out of memory, reads the rows back with pandas, checks them and prints one
-JSON summary. Exit code 0 only when every check passed.
+built-in tiny model with one emulated cell capped to run out of memory, runs it with
+`qlora-ray run --force` (embedded Ray), reads the rows back with pandas, checks them and
+prints one JSON summary. Exit code 0 only when every check passed.
 """
 
 from __future__ import annotations
@@ -48,8 +48,10 @@ def card() -> dict[str, Any]:
 
 
 def spec(info: dict[str, Any], data: Path) -> dict[str, Any]:
-    """4-bit and 16-bit cells in every dtype the card has natively, `batch_size: auto`, and
-    a CPU cell beside them, on a profile that is exactly this card."""
+    """4-bit and 16-bit cells in every dtype the card has natively, `batch_size: auto`, on a
+    profile that is exactly this card; a CPU cell beside them; and one `emulate_profile`
+    cell on a profile a few MiB bigger than this card's CUDA context, so that the cap leaves
+    its allocator 8 MiB: it must end `oom`, or back off and succeed."""
     total_mib = (info["nvml_total_bytes"] or info["total_memory_bytes"]) // MiB
     major, minor = info["capability"]
     profile = {"total_mib": total_mib, "bf16": major >= 8, "flash_attention": major >= 8,
@@ -60,9 +62,15 @@ def spec(info: dict[str, Any], data: Path) -> dict[str, Any]:
              "quant.compute_dtype": dtype} for bits in (4, 16) for dtype in dtypes]
     runs.append({"name": "cpu-beside", "gpu": "cpu", "quant.compute_dtype": "float32",
                  "train.batch_size": 8})
+    # Built not to fit: the planner marks it `tight`, or refuses it where even its low end
+    # is above the card, hence `run --force`. The scheduler asks Ray for any GPU for it.
+    runs.append({"name": "emulated-oom", "gpu": "tiny-card", "emulate_profile": True,
+                 "quant.compute_dtype": "float16", "train.batch_size": 8, "train.oom_backoff": True})
+    tiny = oom_profile(info)
     return {
         "name": "gpu-check",
-        "profiles": {"this-card": profile},
+        "profiles": {"this-card": profile,
+                     "tiny-card": {**profile, "total_mib": tiny.total_mib}},
         "base": {
             "model": "builtin:tiny-llama",
             "gpu": "this-card",
@@ -92,43 +100,6 @@ def oom_profile(info: dict[str, Any], room: int = 8 * MiB) -> Any:
                       compute_capability=f"{major}.{minor}")
 
 
-def run_emulated_oom(info: dict[str, Any], base: dict[str, Any], results: Path) -> dict[str, Any]:
-    """One `emulate_profile` cell on a profile a few MiB bigger than this card's CUDA
-    context: the allocator's cap leaves it 8 MiB, so it must end `oom` (or back off).
-
-    Run through the worker in a fresh process, as a Ray task would: `qlora-ray run` plans
-    first and refuses a cell that cannot fit, which this one is made not to."""
-    import pickle
-
-    from qlora_ray.config import ExperimentConfig, from_dict
-    from qlora_ray.results import write_run
-
-    profile = oom_profile(info)
-    cell = {**base, "name": "emulated-oom", "gpu": "this-card", "emulate_profile": True,
-            "quant": {**base["quant"], "compute_dtype": "float16"},
-            "train": {**base["train"], "batch_size": 8, "oom_backoff": True}}
-    cfg = from_dict(ExperimentConfig, cell)
-    # stdout is the worker's (library logs); the output goes through a file
-    code = (
-        "import pickle, sys\n"
-        "from qlora_ray.worker import run_experiment\n"
-        "cfg, profile, steps = pickle.loads(open(sys.argv[1], 'rb').read())\n"
-        "out = run_experiment(cfg, spec_name='gpu-check', profile=profile, backoff_steps=steps)\n"
-        "open(sys.argv[2], 'wb').write(pickle.dumps(out))\n"
-    )
-    args_file, out_file = results / "emulated-oom.in.pkl", results / "emulated-oom.out.pkl"
-    steps = 0
-    while True:  # the driver's loop: a back-off that must not reuse a process gets a new one
-        args_file.write_bytes(pickle.dumps((cfg, profile, steps)))
-        subprocess.run([sys.executable, "-c", code, str(args_file), str(out_file)], check=True)
-        out = pickle.loads(out_file.read_bytes())
-        if out.retry_backoff_steps is None:
-            break
-        steps = out.retry_backoff_steps
-    write_run(str(results), "gpu-check", out.row)
-    return {"profile_total_mib": profile.total_mib, "row": out.row}
-
-
 def mib(x: Any) -> str:
     """Bytes as MiB for the summary, "-" where the row has none."""
     import pandas as pd
@@ -145,12 +116,12 @@ def check(name: str, ok: bool | None, detail: str) -> dict[str, Any]:
     return {"check": name, "result": {True: "pass", False: "FAIL", None: "skipped"}[ok], "detail": detail}
 
 
-def checks(info: dict[str, Any], df: Any, emulated: dict[str, Any]) -> list[dict[str, Any]]:
+def checks(info: dict[str, Any], df: Any) -> list[dict[str, Any]]:
     import pandas as pd
 
     gpu = df[df.gpu == "this-card"]
-    gpu = gpu[gpu.name != "emulated-oom"]
     cpu = df[df.name == "cpu-beside"].iloc[0]
+    e = df[df.name == "emulated-oom"].iloc[0]
     out = [check("gpu cells ok", bool((gpu.status == "ok").all()),
                  ", ".join(f"{r.name}: {r.status}" + (f" ({text(r.error)[:200]})" if text(r.error) else "")
                            for r in gpu.itertuples()))]
@@ -190,13 +161,12 @@ def checks(info: dict[str, Any], df: Any, emulated: dict[str, Any]) -> list[dict
                      f"status {cpu.status}, device {cpu.device}, CUDA_VISIBLE_DEVICES="
                      f"{text(cpu.cuda_visible_devices)!r}, {cpu.memory_source}"
                      + (f" ({text(cpu.error)[:200]})" if text(cpu.error) else "")))
-    e = emulated["row"]
+    cap, steps = pd.to_numeric(e.emulated_cap_bytes), pd.to_numeric(e.backoff_steps)
     out.append(check("emulated cell oom or backed off",
-                     (e["status"] == "oom" or (e["status"] == "ok" and (e["backoff_steps"] or 0) > 0))
-                     and e["emulated_cap_bytes"] is not None,
-                     f"status {e['status']} in {e['error_phase']}, cap {e['emulated_cap_bytes']} bytes "
-                     f"(profile {emulated['profile_total_mib']} MiB), backoff steps {e['backoff_steps']}, "
-                     f"error {(e['error'] or '')[:200]}"))
+                     bool((e.status == "oom" or (e.status == "ok" and steps > 0)) and cap > 0
+                          and e.device == "cuda:0"),
+                     f"status {e.status} in {text(e.error_phase) or '-'} on {text(e.device_name)}, cap "
+                     f"{mib(cap)} (profile {e.gpu}), backoff steps {steps}, error {text(e.error)[:200]}"))
     out.append(peaks_in_range(ok))
     return out
 
@@ -240,13 +210,12 @@ def main() -> int:
 
     spec_path.write_text(yaml.safe_dump(grid, sort_keys=False))
     run = subprocess.run([str(Path(sys.executable).with_name("qlora-ray")), "run", str(spec_path),
-                          "--results", str(results)], capture_output=True, text=True)
-    emulated = run_emulated_oom(info, grid["base"], results)
+                          "--results", str(results), "--force"], capture_output=True, text=True)
 
     import pandas as pd
 
     df = pd.read_parquet(results / "gpu-check" / "runs")
-    results_list = checks(info, df, emulated)
+    results_list = checks(info, df)
     passed = all(c["result"] != "FAIL" for c in results_list)
     summary = {"passed": passed, "card": info, "results": str(results / "gpu-check" / "runs"),
                "run_exit_code": run.returncode, "checks": results_list}

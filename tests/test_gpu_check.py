@@ -1,5 +1,6 @@
-"""scripts/gpu_check.py without a GPU: the grid it writes plans on the cards it targets,
-its emulated cell is sized as it says, and its checks fail on rows a GPU did not make."""
+"""scripts/gpu_check.py without a GPU: the grid it writes plans on the cards it targets and
+asks Ray for what it should, its emulated cell is sized as it says, and its checks fail on
+rows a GPU did not make."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ from qlora_ray.config import ExperimentConfig
 from qlora_ray.device import cuda_device, emulate_profile
 from qlora_ray.grid import load_spec
 from qlora_ray.planner import plan_spec
+from qlora_ray.profiles import get_profile
 from qlora_ray.results import make_row
+from qlora_ray.scheduler import _requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
@@ -38,12 +41,22 @@ def test_the_check_grid_plans_on_the_card_it_targets(tmp_path, card, dtypes):
     grid = gpu_check.spec(info_of(card), ROOT / "experiments/data/fin_sentiment.jsonl")
     path = tmp_path / "gpu-check.yaml"
     path.write_text(yaml.safe_dump(grid, sort_keys=False))
-    plans = plan_spec(load_spec(path))
-    assert [p.problems for p in plans if p.problems] == []
+    spec = load_spec(path)
+    plans = plan_spec(spec)
+    # the emulated cell is built not to fit: `tight`, or refused where the context's low end
+    # is above it (the script runs with --force, so it runs either way); the rest fit
+    (emulated,) = [p for p in plans if p.name == "emulated-oom"]
+    assert emulated.tight or emulated.problems
+    assert [p.problems for p in plans if p.problems and p is not emulated] == []
     gpu = [p for p in plans if p.gpu == "this-card"]
     assert {(p.config.quant.bits, p.compute_dtype) for p in gpu} == {(b, d) for b in (4, 16) for d in dtypes}
     assert all(p.config.train.batch_size == "auto" and p.batch_size >= 1 for p in gpu)
     assert [p.name for p in plans if p.gpu == "cpu"] == ["cpu-beside"]
+    # what `run` asks Ray for: this card's type for the GPU cells, any GPU for the emulated one
+    label = info_of(card)["ray_accelerator_type"]
+    asks = {c.name: _requirement(get_profile(c.gpu, spec.profiles), 1, c.emulate_profile) for c in spec.cells}
+    assert all(asks[p.name] == {"GPU": 1, "CPU": 1, f"accelerator_type:{label}": 0.001} for p in gpu)
+    assert asks["emulated-oom"] == {"GPU": 1, "CPU": 1}
 
 
 @pytest.mark.parametrize("nvml", [True, False])
@@ -54,6 +67,9 @@ def test_the_emulated_cell_gets_8_mib_of_allocator(nvml):
     cap = emulate_profile(gpu_check.oom_profile(info), cuda_device(cuda), cuda,
                           context_bytes=info["context_bytes"], nvml_total=nvml_total)
     assert 8 * MiB <= cap < 10 * MiB
+    # and the grid's profile for it is that one
+    profile = gpu_check.spec(info, ROOT / "experiments/data/fin_sentiment.jsonl")["profiles"]["tiny-card"]
+    assert profile["total_mib"] == gpu_check.oom_profile(info).total_mib
 
 
 def gpu_row(name: str, **over) -> dict:
@@ -75,9 +91,9 @@ def test_the_checks_pass_on_gpu_rows_and_fail_on_rows_a_gpu_did_not_make():
     info = {**info_of("L4"), "name": "NVIDIA L4"}
     cpu = make_row(ExperimentConfig(name="cpu-beside", gpu="cpu"), "c", "gpu-check", 1, None,
                    status="ok", device="cpu", cuda_visible_devices="", memory_source="cpu_rss")
-    emulated = {"profile_total_mib": 500, "row": {**gpu_row("emulated-oom"), "status": "oom",
-                                                  "error_phase": "load", "emulated_cap_bytes": 8 * MiB}}
-    good = gpu_check.checks(info, frame(gpu_row("nf4-float16"), gpu_row("lora16-float16"), cpu), emulated)
+    emulated = gpu_row("emulated-oom", gpu="tiny-card", emulate_profile=True, status="oom",
+                       error_phase="load", emulated_cap_bytes=8 * MiB)
+    good = gpu_check.checks(info, frame(gpu_row("nf4-float16"), gpu_row("lora16-float16"), cpu, emulated))
     assert {c["check"]: c["result"] for c in good} == dict.fromkeys(
         ["gpu cells ok", "cuda memory sources", "nvml figures", "device_name", "auto batch size",
          "cpu cell on the cpu", "emulated cell oom or backed off", "peaks inside the planner's range"], "pass")
@@ -88,8 +104,8 @@ def test_the_checks_pass_on_gpu_rows_and_fail_on_rows_a_gpu_did_not_make():
                        peak_cuda_allocated_bytes=None, cuda_context_bytes=None, peak_nvml_bytes=None,
                        peak_train_bytes=2000 * MiB)
     cpu_on_gpu = {**cpu, "device": "cuda:0", "cuda_visible_devices": None}
-    not_oom = {**emulated, "row": {**emulated["row"], "status": "ok", "backoff_steps": 0}}
-    bad = {c["check"]: c["result"] for c in gpu_check.checks(info, frame(fallback, cpu_on_gpu), not_oom)}
+    not_oom = {**emulated, "status": "ok", "backoff_steps": 0}
+    bad = {c["check"]: c["result"] for c in gpu_check.checks(info, frame(fallback, cpu_on_gpu, not_oom))}
     assert bad == {"gpu cells ok": "pass", "cuda memory sources": "FAIL", "nvml figures": "FAIL",
                    "device_name": "FAIL", "auto batch size": "pass", "cpu cell on the cpu": "FAIL",
                    "emulated cell oom or backed off": "FAIL", "peaks inside the planner's range": "FAIL"}
