@@ -82,8 +82,9 @@ def machine_checks(cuda: Any, *, driver_only: bool = False, wants_flash: bool = 
                              "--allow-cpu-fallback (on the CPU)",
                              "on a GPU machine: `nvidia-smi` must list the card, torch must be a CUDA build "
                              "(pip install torch, not the CPU wheel), and a container needs --gpus"))
+    arch_list = list(cuda.get_arch_list()) if gpus else []
     for index in range(gpus):
-        out.append(_gpu_check(index, cuda.get_device_properties(index)))
+        out.append(_gpu_check(index, cuda.get_device_properties(index), arch_list))
     device = "cuda:0" if gpus else "cpu"
     out.append(_bitsandbytes_check(device, nf4))
     if gpus:
@@ -99,15 +100,22 @@ def _python_check() -> Check:
     return Check("ok", "python", f"{version} ({sys.executable})")
 
 
-def _gpu_check(index: int, props: Any) -> Check:
+def _gpu_check(index: int, props: Any, arch_list: list[str]) -> Check:
     from ray._private.accelerators.nvidia_gpu import NvidiaGPUAcceleratorManager
 
+    from qlora_ray.device import Device, DeviceError, check_kernels
     from qlora_ray.profiles import profile_for_card
 
     label = NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type(props.name)
     gib = props.total_memory / GIB
     detail = (f"{index}: {props.name}, {gib:.1f} GiB, compute capability {props.major}.{props.minor}, "
               f"Ray labels it {label}")
+    try:  # what the worker checks before it loads anything (a V100 under the CUDA 13 build)
+        check_kernels(Device("cuda", props.name, int(props.total_memory), (props.major, props.minor)),
+                      arch_list)
+    except DeviceError as e:
+        return Check("fail", "gpu", f"{detail}: the installed torch has no kernels for it",
+                     str(e).split("; ", 1)[-1])
     profile = profile_for_card(label, int(props.total_memory))
     if profile is None:
         return Check("warn", "gpu", detail + ", no built-in profile matches",

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import yaml
+from fake_cuda import CU130_ARCHS
 
 from qlora_ray import doctor
 from qlora_ray.cluster import AutoscalerView
@@ -40,6 +41,9 @@ class FakeCuda:
 
     def get_device_properties(self, index: int) -> SimpleNamespace:
         return self.cards[index]
+
+    def get_arch_list(self) -> list[str]:
+        return list(CU130_ARCHS)  # the CUDA 13 build's kernels (tests/fake_cuda.py says where from)
 
 
 class FakeNvml:
@@ -94,6 +98,13 @@ def test_visible_gpus_are_named_with_memory_capability_and_profile(monkeypatch: 
 
     monkeypatch.setenv("RAY_OVERRIDE_RESOURCES", '{"accelerator_type:A100-80G": 1}')
     assert by_name(doctor.machine_checks(FakeCuda(A100_80), nvml=FakeNvml()), "gpu")[0].status == "ok"
+
+    # A V100 (7.0) under the CUDA 13 build, which has kernels from 7.5 on: the worker would
+    # refuse it, so doctor fails it by name with the way out.
+    (v100,) = by_name(doctor.machine_checks(FakeCuda(("Tesla V100-SXM2-16GB", 16_935_682_048, 7, 0)),
+                                            nvml=FakeNvml()), "gpu")
+    assert v100.status == "fail" and v100.detail.endswith("the installed torch has no kernels for it")
+    assert "CUDA 12.6" in v100.fix and "newer card" in v100.fix
 
 
 def test_flash_attention_is_checked_only_when_the_spec_asks_for_it() -> None:
