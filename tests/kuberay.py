@@ -1,11 +1,15 @@
 """The submitter pod's command for a RayJob, built the way KubeRay builds it.
 
-A line-by-line port of KubeRay v1.5.1 (unchanged through v1.7.0):
+A line-by-line port of KubeRay v1.5.1 (the version the manifests target):
 `BuildJobSubmitCommand` in ray-operator/controllers/ray/common/job.go (K8sJobMode) and
 `configureSubmitterContainer` in ray-operator/controllers/ray/rayjob_controller.go, which
 joins the list with single spaces and runs it as `/bin/bash -ce -- "<joined>"`, with
 RAY_DASHBOARD_ADDRESS, RAY_JOB_SUBMISSION_ID, PYTHONUNBUFFERED and (with
 `authOptions: {mode: token}`) RAY_AUTH_MODE / RAY_AUTH_TOKEN in its environment.
+Later KubeRay (ray-project/kuberay#4798, merged 2026-05) puts a wait loop in front,
+`until <python GET of the dashboard's api/gcs_healthz> ; do ... ; done ;`, and splices the
+entrypoint the same way; that endpoint answers without the token (the wget probe of
+tests/test_container.py reaches it).
 """
 
 from __future__ import annotations
