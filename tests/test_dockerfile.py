@@ -72,6 +72,13 @@ def test_provenance_env_comes_from_build_args() -> None:
         assert f"{env}=${{{env}}}" in DOCKERFILE, env
 
 
+def test_the_documented_push_build_links_the_ghcr_package_to_its_repository() -> None:
+    # A new GHCR package is private and unlinked unless the image carries this label.
+    assert 'org.opencontainers.image.source="${QLORA_RAY_SOURCE}"' in DOCKERFILE
+    build = re.search(r"docker build .*?\.\n", (ROOT / "docs" / "cluster.md").read_text(), re.S)
+    assert build and "--build-arg QLORA_RAY_SOURCE=https://github.com/" in build.group(0)
+
+
 def test_no_secret_is_baked_in() -> None:
     secret = re.compile(r"(TOKEN|SECRET|PASSWORD|ACCESS_KEY|API_KEY)", re.I)
     for kind in ("ENV", "ARG", "LABEL"):
