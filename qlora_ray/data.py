@@ -46,8 +46,6 @@ from __future__ import annotations
 
 import logging
 import random
-import re
-import string
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,7 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from qlora_ray.config import ConfigError, DatasetConfig, ExperimentConfig, problem
-from qlora_ray.datacheck import is_local, read_rows
+from qlora_ray.datacheck import is_local, read_rows, template_problems
 
 # PadCollator, make_collator and truncate are re-exported for callers of this module.
 from qlora_ray.encoding import IGNORE_INDEX, answer_suffix, encode, generation_prompts, pack
@@ -139,15 +137,6 @@ class _BlankMissing(dict):
         return ""
 
 
-def template_columns(template: str) -> list[str]:
-    """Column names a prompt template refers to (`{a}`, `{a[0]}` and `{a.b}` all name `a`)."""
-    names = []
-    for _, field_name, _, _ in string.Formatter().parse(template):
-        if field_name is not None:
-            names.append(re.split(r"[.\[]", field_name, maxsplit=1)[0])
-    return list(dict.fromkeys(names))
-
-
 def _response(row: dict[str, Any], response_field: str) -> str | None:
     value = row.get(response_field)
     if value is None:
@@ -159,16 +148,7 @@ def _response(row: dict[str, Any], response_field: str) -> str | None:
 def check_rows(rows: list[dict[str, Any]], cfg: DatasetConfig) -> tuple[list[dict[str, Any]], int]:
     """(rows with a response, number dropped); raises on a template or column the data lacks."""
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    problems = []
-    for name in template_columns(cfg.prompt_template):
-        if name == "" or name.isdigit():
-            problems.append(problem("dataset.prompt_template", cfg.prompt_template,
-                                    "has a positional placeholder ({} or {0})",
-                                    f"name a column instead, one of: {', '.join(columns)}"))
-        elif name not in columns:
-            problems.append(problem("dataset.prompt_template", cfg.prompt_template,
-                                    f"uses {{{name}}}, which no row has",
-                                    f"use the dataset's columns: {', '.join(columns)}"))
+    problems = template_problems(cfg.prompt_template, columns, "", f", one of: {', '.join(columns)}")
     if cfg.response_field not in columns:
         problems.append(problem("dataset.response_field", cfg.response_field,
                                 "is not a column of the dataset",

@@ -266,6 +266,25 @@ def template_columns(template: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def template_problems(template: str, columns: list[str], rows_of: str, listed: str) -> list[str]:
+    """Placeholders of the prompt template that are positional or name no column.
+
+    `rows_of` names the data (" of FILE", or "" for data without a file name); `listed` ends
+    each fix with the columns (the plan-time check and the worker word it differently).
+    """
+    problems = []
+    for name in template_columns(template):
+        if name == "" or name.isdigit():
+            problems.append(problem("dataset.prompt_template", template,
+                                    "has a positional placeholder ({} or {0})",
+                                    f"name a column instead{listed}"))
+        elif name not in columns:
+            problems.append(problem("dataset.prompt_template", template,
+                                    f"uses {{{name}}}, which no row{rows_of} has",
+                                    f"use the dataset's columns{listed}"))
+    return problems
+
+
 class _BlankMissing(dict):
     """A row for `format_map`: a column the row lacks formats as empty (as data.py does)."""
 
@@ -293,18 +312,8 @@ def check_dataset(
         cache[cfg.path] = _read(cfg.path, "dataset.path")
     rows, where = cache[cfg.path]
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    problems: list[str] = []
     fix_columns = f"the columns are: {', '.join(columns)}"
-
-    for name in template_columns(cfg.prompt_template):
-        if name == "" or name.isdigit():
-            problems.append(problem("dataset.prompt_template", cfg.prompt_template,
-                                    "has a positional placeholder ({} or {0})",
-                                    f"name a column instead; {fix_columns}"))
-        elif name not in columns:
-            problems.append(problem("dataset.prompt_template", cfg.prompt_template,
-                                    f"uses {{{name}}}, which no row of {cfg.path} has",
-                                    f"use the dataset's columns; {fix_columns}"))
+    problems = template_problems(cfg.prompt_template, columns, f" of {cfg.path}", f"; {fix_columns}")
     if not problems:
         for row, at in zip(rows, where, strict=True):
             try:
