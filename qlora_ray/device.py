@@ -14,6 +14,7 @@ from typing import Any
 
 from qlora_ray.config import ExperimentConfig, problem
 from qlora_ray.profiles import GpuProfile
+from qlora_ray.units import GIB
 
 ALLOW_CPU_FALLBACK_ENV = "QLORA_RAY_ALLOW_CPU_FALLBACK"
 # totalGlobalMem / nvidia-smi's total when NVML cannot say: the driver keeps 1-2% for itself
@@ -166,8 +167,8 @@ def emulate_profile(
     if profile_total > device.total_memory_bytes:
         raise DeviceError(problem(
             "emulate_profile", True,
-            f"cannot make {device.name} ({device.total_memory_bytes / 2**30:.1f} GiB) act like "
-            f"the bigger {profile.name} ({profile_total / 2**30:.1f} GiB)",
+            f"cannot make {device.name} ({device.total_memory_bytes / GIB:.1f} GiB) act like "
+            f"the bigger {profile.name} ({profile_total / GIB:.1f} GiB)",
             f"run it where every GPU is at least {profile.name}'s size, or drop emulate_profile"))
     cap = profile_total - context_bytes
     fraction = cap / device.total_memory_bytes

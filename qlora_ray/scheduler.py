@@ -38,6 +38,7 @@ from qlora_ray.dispatch import Dispatcher, submission_order
 from qlora_ray.grid import DEFAULT_MAX_CELLS, Spec, load_spec
 from qlora_ray.results import empty_row, make_row, redact
 from qlora_ray.resume import RowWriter, check_writable, existing_rows
+from qlora_ray.units import GIB, hms
 
 RETRYABLE = ("oom", "failed", "unschedulable")
 DEFAULT_UNSCHEDULABLE_TIMEOUT = 600.0
@@ -689,10 +690,7 @@ class _Progress:
 
 
 def _hms(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    s = round(seconds)
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+    return "-" if seconds is None else hms(seconds)
 
 
 def print_summary(rows: list[dict[str, Any]], out: Any) -> None:
@@ -707,7 +705,7 @@ def print_summary(rows: list[dict[str, Any]], out: Any) -> None:
         majority = r.get("accuracy_majority")
         lines.append((
             r["name"], r["status"], _hms(r.get("train_seconds")),
-            f"{peak / 2**30:.2f}" if peak else "-", r.get("memory_source") or "-",
+            f"{peak / GIB:.2f}" if peak else "-", r.get("memory_source") or "-",
             (f"{before:.3f} -> " if before is not None else "") + (f"{sim:.3f}" if sim is not None else "-"),
             f"{acc:.2f}" if acc is not None else "-", f"{majority:.2f}" if majority is not None else "-",
         ))
