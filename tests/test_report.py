@@ -431,6 +431,20 @@ def test_the_prediction_error_compares_training_with_training(tmp_path: Path,
     assert df.loc["old-row", "predicted_error_pct"] == pytest.approx(20.0, abs=0.1)
 
 
+def test_the_prediction_error_uses_the_measured_training_window(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 9 item 4: a row whose eval pass measured higher than training (peak_memory_bytes is
+    the whole run) is judged by its training window's peak against the training prediction."""
+    spec = write_rows(str(tmp_path / "results"), [
+        row("split", peak_memory_bytes=9 * GIB, peak_train_bytes=5 * GIB, peak_eval_bytes=9 * GIB,
+            predicted_train_bytes=int(5.5 * GIB), predicted_eval_bytes=9 * GIB, predicted_peak_bytes=9 * GIB),
+    ])
+    code, out, _ = run_report(capsys, spec, "--format", "csv")
+    df = pd.read_csv(StringIO(out)).set_index("name")
+    assert code == 0
+    assert df.loc["split", "predicted_error_pct"] == pytest.approx(10.0, abs=0.1)
+
+
 def test_run_summary_shows_accuracy_beside_the_majority_baseline() -> None:
     """The table `qlora-ray run` ends with: accuracy next to always answering the top label."""
     from qlora_ray.scheduler import print_summary
