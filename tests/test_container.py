@@ -55,6 +55,9 @@ CACHE = Path(os.environ.get("QLORA_RAY_CI_CACHE", Path.home() / ".cache" / "qlor
 # A host user other than the image's own (1000): what `--user "$(id -u):$(id -g)"` passes.
 HOST_UID = 4321
 IMAGE_UID = 1000
+# What docs/cluster.md's build passes as QLORA_RAY_SOURCE: GHCR links (and shows) a new
+# package through the image's org.opencontainers.image.source label.
+SOURCE = "https://github.com/example-org/qlora-ray"
 
 
 def _unusable() -> str | None:
@@ -105,7 +108,8 @@ def built() -> Built:
     started = time.monotonic()
     log = CACHE / "last-build.log"
     with log.open("w") as out:
-        proc = subprocess.run([str(ROOT / "docker" / "build-cpu-image.sh"), TAG], cwd=ROOT, env=_env(),
+        proc = subprocess.run([str(ROOT / "docker" / "build-cpu-image.sh"), TAG], cwd=ROOT,
+                              env={**_env(), "QLORA_RAY_SOURCE": SOURCE},
                               stdout=out, stderr=subprocess.STDOUT, timeout=1800)
     assert proc.returncode == 0, f"image build failed (full log: {log}):\n{log.read_text()[-6000:]}"
     print(f"\nimage {TAG} built in {time.monotonic() - started:.0f} s")
@@ -161,6 +165,9 @@ def test_image_user_entry_point_volumes_and_provenance(image: str, built: Built)
     assert env["QLORA_RAY_IMAGE"] == image
     assert env["QLORA_RAY_GIT_COMMIT"] == built.commit
     assert not {k for k in env if "TOKEN" in k or "SECRET" in k}
+    labels = config.get("Labels") or {}
+    assert labels.get("org.opencontainers.image.source") == SOURCE, labels
+    assert labels.get("org.opencontainers.image.revision") == built.commit, labels
 
 
 def test_plan_of_the_gpu_grid_inside_the_image_matches_the_host(image: str) -> None:
