@@ -298,3 +298,49 @@ def install(monkeypatch: Any, fake: FakeCuda) -> FakeCuda:
 
     monkeypatch.setattr(torch, "cuda", Module())
     return fake
+
+
+# --------------------------------------------------------------------------- doctor
+
+class MultiCardCuda:
+    """The few `torch.cuda` calls `qlora-ray doctor` makes on a machine with several cards:
+    is_available, device_count, get_device_properties(i) with name, total_memory, major and
+    minor (the fields of torch's _CudaDeviceProperties, torch/_C/__init__.pyi), get_arch_list.
+    The one-device `FakeCuda` above is what a worker sees under Ray."""
+
+    def __init__(self, *cards: tuple[str, int, int, int]):
+        self.cards = [SimpleNamespace(name=n, total_memory=m, major=a, minor=b) for n, m, a, b in cards]
+
+    def is_available(self) -> bool:
+        return bool(self.cards)
+
+    def device_count(self) -> int:
+        return len(self.cards)
+
+    def get_device_properties(self, index: int) -> SimpleNamespace:
+        return self.cards[index]
+
+    def get_arch_list(self) -> list[str]:
+        return list(CU130_ARCHS)  # the CUDA 13 build's kernels (see CU130_ARCHS)
+
+
+class FakeNvmlDriver:
+    """nvidia-ml-py's nvmlInit / nvmlDeviceGetCount / nvmlSystemGetDriverVersion (doctor's driver line)."""
+
+    def nvmlInit(self) -> None:
+        pass
+
+    def nvmlDeviceGetCount(self) -> int:
+        return 2
+
+    def nvmlSystemGetDriverVersion(self) -> str:
+        return "580.65.06"
+
+
+def card(key: str) -> tuple[str, int, int, int]:
+    """A `MultiCardCuda` card from CARDS: (name, totalGlobalMem, major, minor)."""
+    name, _, total, (major, minor) = CARDS[key]
+    return name, total, major, minor
+
+
+A100_80, T4 = card("A100-80G"), card("T4")

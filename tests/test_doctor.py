@@ -12,11 +12,10 @@ import io
 import logging
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
-from fake_cuda import CU130_ARCHS
+from fake_cuda import A100_80, T4, FakeNvmlDriver, MultiCardCuda, card
 
 from qlora_ray import doctor
 from qlora_ray.cluster import AutoscalerView
@@ -24,43 +23,6 @@ from qlora_ray.grid import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "tests" / "fixtures" / "configs"
-
-
-class FakeCuda:
-    """The torch.cuda calls doctor makes: is_available, device_count, get_device_properties(i)
-    (name, total_memory, major, minor, as torch's _CudaDeviceProperties has them)."""
-
-    def __init__(self, *cards: tuple[str, int, int, int]):
-        self.cards = [SimpleNamespace(name=n, total_memory=m, major=a, minor=b) for n, m, a, b in cards]
-
-    def is_available(self) -> bool:
-        return bool(self.cards)
-
-    def device_count(self) -> int:
-        return len(self.cards)
-
-    def get_device_properties(self, index: int) -> SimpleNamespace:
-        return self.cards[index]
-
-    def get_arch_list(self) -> list[str]:
-        return list(CU130_ARCHS)  # the CUDA 13 build's kernels (tests/fake_cuda.py says where from)
-
-
-class FakeNvml:
-    """nvidia-ml-py's nvmlInit / nvmlDeviceGetCount / nvmlSystemGetDriverVersion."""
-
-    def nvmlInit(self) -> None:
-        pass
-
-    def nvmlDeviceGetCount(self) -> int:
-        return 2
-
-    def nvmlSystemGetDriverVersion(self) -> str:
-        return "580.65.06"
-
-
-A100_80 = ("NVIDIA A100-SXM4-80GB", 85_899_345_920, 8, 0)  # what torch reports for the card
-T4 = ("Tesla T4", 15_655_829_504, 7, 5)
 
 
 def by_name(checks: list[doctor.Check], name: str) -> list[doctor.Check]:
@@ -84,10 +46,10 @@ def test_on_this_cpu_machine_torch_and_a_real_4bit_layer_pass_and_no_gpu_is_a_wa
 
 def test_visible_gpus_are_named_with_memory_capability_and_profile(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("RAY_OVERRIDE_RESOURCES", raising=False)
-    checks = doctor.machine_checks(FakeCuda(T4, A100_80), nvml=FakeNvml())
+    checks = doctor.machine_checks(MultiCardCuda(T4, A100_80), nvml=FakeNvmlDriver())
     t4, a100 = by_name(checks, "gpu")
     assert t4.status == "ok"
-    assert "Tesla T4, 14.6 GiB, compute capability 7.5, Ray labels it T4 -> profile T4" in t4.detail
+    assert "Tesla T4, 14.7 GiB, compute capability 7.5, Ray labels it T4 -> profile T4" in t4.detail
     # Ray labels both A100s `A100`; the 80 GB profile asks for its own label, which nothing sets yet.
     assert a100.status == "warn" and "-> profile A100-80G" in a100.detail
     assert "accelerator_type:A100-80G" in a100.fix and "RAY_OVERRIDE_RESOURCES" in a100.fix
@@ -97,22 +59,22 @@ def test_visible_gpus_are_named_with_memory_capability_and_profile(monkeypatch: 
     assert bnb.status == "fail" and "cuda:0" in bnb.detail and "pip install -U bitsandbytes" in bnb.fix
 
     monkeypatch.setenv("RAY_OVERRIDE_RESOURCES", '{"accelerator_type:A100-80G": 1}')
-    assert by_name(doctor.machine_checks(FakeCuda(A100_80), nvml=FakeNvml()), "gpu")[0].status == "ok"
+    assert by_name(doctor.machine_checks(MultiCardCuda(A100_80), nvml=FakeNvmlDriver()), "gpu")[0].status == "ok"
 
     # A V100 (7.0) under the CUDA 13 build, which has kernels from 7.5 on: the worker would
     # refuse it, so doctor fails it by name with the way out.
-    (v100,) = by_name(doctor.machine_checks(FakeCuda(("Tesla V100-SXM2-16GB", 16_935_682_048, 7, 0)),
-                                            nvml=FakeNvml()), "gpu")
+    (v100,) = by_name(doctor.machine_checks(MultiCardCuda(card("V100")),
+                                            nvml=FakeNvmlDriver()), "gpu")
     assert v100.status == "fail" and v100.detail.endswith("the installed torch has no kernels for it")
     assert "CUDA 12.6" in v100.fix and "newer card" in v100.fix
 
 
 def test_flash_attention_is_checked_only_when_the_spec_asks_for_it() -> None:
-    checks = doctor.machine_checks(FakeCuda(T4), nvml=FakeNvml(), wants_flash=True,
+    checks = doctor.machine_checks(MultiCardCuda(T4), nvml=FakeNvmlDriver(), wants_flash=True,
                                    nf4=lambda device: (0.0, 0.1))
     (flash,) = by_name(checks, "flash-attn")
     assert flash.status == "fail" and "sdpa" in flash.fix
-    assert not by_name(doctor.machine_checks(FakeCuda(T4), nvml=FakeNvml(), nf4=lambda d: (0.0, 0.1)), "flash-attn")
+    assert not by_name(doctor.machine_checks(MultiCardCuda(T4), nvml=FakeNvmlDriver(), nf4=lambda d: (0.0, 0.1)), "flash-attn")
 
 
 def _spec(tmp_path: Path, **base) -> object:

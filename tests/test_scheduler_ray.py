@@ -371,7 +371,7 @@ def test_doctor_reports_nodes_gpus_and_what_the_spec_needs(cluster, tmp_path, mo
     import argparse
     import io
 
-    from test_doctor import T4, FakeCuda
+    from fake_cuda import T4, MultiCardCuda
 
     from qlora_ray import doctor
 
@@ -382,7 +382,7 @@ def test_doctor_reports_nodes_gpus_and_what_the_spec_needs(cluster, tmp_path, mo
                               model_configs=[])
     out = io.StringIO()
     started = time.monotonic()
-    code = doctor.main(args, cuda=FakeCuda(T4), out=out)
+    code = doctor.main(args, cuda=MultiCardCuda(T4), out=out)
     text = out.getvalue()
     print(f"\n{text}\ndoctor on the cluster: {time.monotonic() - started:.0f} s")
     assert code == 1, text
@@ -393,7 +393,7 @@ def test_doctor_reports_nodes_gpus_and_what_the_spec_needs(cluster, tmp_path, mo
         assert found, f"no line starts with {prefix!r}:\n{text}"
         return found[0]
 
-    assert "Tesla T4, 14.6 GiB" in one("ok    gpu ")
+    assert "Tesla T4, 14.7 GiB" in one("ok    gpu ")
     assert "3 node(s)" not in one("ok    ray ") and "2 node(s)" in one("ok    ray ")
     nodes = [ln for ln in lines if ln.startswith("ok    node ")]
     assert any("2 GPU, accelerator_type T4" in ln for ln in nodes)
