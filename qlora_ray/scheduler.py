@@ -49,6 +49,10 @@ NODE_CHECK_INTERVAL_S = 2.0
 # row at once without loading anything, and worker processes are reused, so
 # benchmarks/driver_scale.py measures the driver alone over 10,000 cells.
 NOOP_CELLS_ENV = "QLORA_RAY_TEST_NOOP_CELLS"
+PROGRESS_INTERVAL_S = 1.0
+# What the end-of-run summary and the exit code read of each row the driver keeps.
+SUMMARY_KEYS = ("experiment_id", "name", "status", "error", "train_seconds", "peak_memory_bytes",
+                "memory_source", "similarity_score", "similarity_score_before", "accuracy")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -496,7 +500,11 @@ def _run_cells(
                 cell.submitted_at = cell.waiting_since = time.monotonic()
                 running[cell.ref] = cell
 
-            done, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            done, rest = ray.wait(list(running), num_returns=1, timeout=1.0)
+            if done and rest:
+                # Whatever else has finished, in the same call: a wait over every running
+                # cell per finished cell is quadratic over a 10,000-cell grid.
+                done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             for ref in done:
                 cell = running.pop(ref)
                 row, samples, retry_steps = _collect(ref, cell, spec)
@@ -509,15 +517,20 @@ def _run_cells(
                     continue
                 row.update(cell.predicted)
                 writer.write(row, samples)
-                rows[cell.experiment_id] = row
+                # The summary's columns only: the full rows are on disk, and a driver that kept
+                # them all would grow with the grid.
+                rows[cell.experiment_id] = {k: row.get(k) for k in SUMMARY_KEYS}
                 progress.finished(row)
             writer.retry()
 
             _expire_unschedulable(running, rows, spec, writer, waits, progress)
-            started = _safe_get(tracker.snapshot.remote()) or {}
-            progress.show(running=sum(1 for c in running.values() if c.experiment_id in started),
-                          queued=len(pending) + sum(1 for c in running.values()
-                                                    if c.experiment_id not in started))
+            if time.monotonic() >= progress.next_show:
+                # At most once a second: the tracker's answer and the counts grow with the grid.
+                progress.next_show = time.monotonic() + PROGRESS_INTERVAL_S
+                started = _safe_get(tracker.snapshot.remote()) or {}
+                progress.show(running=sum(1 for c in running.values() if c.experiment_id in started),
+                              queued=len(pending) + sum(1 for c in running.values()
+                                                        if c.experiment_id not in started))
     except KeyboardInterrupt:
         interrupted = True
         for ref in running:
@@ -667,6 +680,7 @@ class _Progress:
         self.durations: list[float] = []
         self.last = ""
         self.t0 = time.monotonic()
+        self.next_show = 0.0
 
     def finished(self, row: dict[str, Any]) -> None:
         self.done += 1

@@ -95,3 +95,10 @@ def test_fanout_on_the_embedded_ray(tmp_path):
     # Starts Ray: run this file under the machine's Ray lock, like every test that does.
     out = bench(tmp_path, "fanout.py", "--cells", "2", "--steps", "1", "--repeat", "1")
     assert 0 < out["value"] <= 1.0 and len(out["runs"][0]["cell_wall_s"]) == 2
+
+
+@pytest.mark.slow
+def test_driver_scale_on_the_embedded_ray(tmp_path):
+    # Starts Ray: run this file under the machine's Ray lock, like every test that does.
+    out = bench(tmp_path, "driver_scale.py", "--cells", "5", "15", "--repeat", "1")
+    assert set(out["peak_rss_mb"]) == {"5", "15"} and out["peak_rss_mb"]["15"] > 0
