@@ -111,8 +111,12 @@ def test_the_embedded_ray_is_private_and_the_readme_local_ray_steps_work_after_i
         token = dict(kv.split("=", 1) for kv in environ.read_text().split("\0") if "=" in kv)
         assert token.get("RAY_AUTH_MODE") == "token" and len(token.get("RAY_AUTH_TOKEN", "")) >= 32
         # A client without the token (as any other user or host would be) is refused by the GCS.
+        # On Linux Ray's client turns 127.0.0.1 into the host's address (services.py
+        # resolve_ip_for_localhost), where this GCS does not listen; the client is put in the
+        # same single-node mode so that it reaches the GCS and meets its token check.
         anonymous = subprocess.run([str(BIN / "ray"), "status", "--address", f"127.0.0.1:{port}"],
-                                   env=env, capture_output=True, text=True, timeout=120)
+                                   env={**env, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+                                   capture_output=True, text=True, timeout=120)
         assert anonymous.returncode != 0
         assert "uthentication" in anonymous.stdout + anonymous.stderr, anonymous.stdout + anonymous.stderr
         # Nothing listens beyond this machine: the GCS, raylet, agents and the cell's worker
