@@ -15,6 +15,7 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
@@ -190,16 +191,22 @@ def test_a_results_folder_written_by_0_1_0_resumes_without_rerunning_anything(tm
     assert "3 already have a row, 0 to run" in out and "moved" not in out
 
 
-def test_a_move_interrupted_after_the_new_row_was_written_leaves_no_duplicate(tmp_path, monkeypatch, capsys):
-    # Killed between writing the row under its new id and deleting the 0.1.0 file: both exist.
-    from qlora_ray.scheduler import run_spec
-
+def _copy_of_the_0_1_0_folder(tmp_path: Path) -> tuple[Path, Path, Any, Path]:
+    """0.1.0's results folder copied under tmp_path: (spec, results, its `defaults` cell, and
+    that cell's row file under its legacy id)."""
     spec_path = LEGACY / "legacy.yaml"
     results = tmp_path / "results"
     for sub in ("runs", "samples"):
         shutil.copytree(LEGACY / sub, results / "legacy" / sub)
     defaults = next(c for c in load_spec(spec_path).cells if c.name == "defaults")
-    old = results / "legacy" / "runs" / f"{legacy_experiment_id(defaults)}.parquet"
+    return spec_path, results, defaults, results / "legacy" / "runs" / f"{legacy_experiment_id(defaults)}.parquet"
+
+
+def test_a_move_interrupted_after_the_new_row_was_written_leaves_no_duplicate(tmp_path, monkeypatch, capsys):
+    # Killed between writing the row under its new id and deleting the 0.1.0 file: both exist.
+    from qlora_ray.scheduler import run_spec
+
+    spec_path, results, defaults, old = _copy_of_the_0_1_0_folder(tmp_path)
     table = pd.read_parquet(old)
     table["experiment_id"] = defaults.experiment_id
     table.to_parquet(results / "legacy" / "runs" / f"{defaults.experiment_id}.parquet")
@@ -217,12 +224,7 @@ def test_a_0_1_0_ok_row_is_kept_over_a_later_failed_row_of_the_same_cell(tmp_pat
     # exist. The ok row is the one kept.
     from qlora_ray.scheduler import run_spec
 
-    spec_path = LEGACY / "legacy.yaml"
-    results = tmp_path / "results"
-    for sub in ("runs", "samples"):
-        shutil.copytree(LEGACY / sub, results / "legacy" / sub)
-    defaults = next(c for c in load_spec(spec_path).cells if c.name == "defaults")
-    old = results / "legacy" / "runs" / f"{legacy_experiment_id(defaults)}.parquet"
+    spec_path, results, defaults, old = _copy_of_the_0_1_0_folder(tmp_path)
     ok = pd.read_parquet(old)
     assert list(ok.status) == ["ok"]
     failed = ok.assign(experiment_id=defaults.experiment_id, status="failed", error="CUDA error", attempt=1)
