@@ -29,7 +29,6 @@ import argparse
 import json
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -38,7 +37,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _result import report
-from vs_plain import WORKER
+from vs_plain import WORKER, last_json
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.5
@@ -79,11 +78,7 @@ def spec(data: Path, epochs: int, packing: bool, train_rows: int | None = None,
 
 
 def run(spec_path: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-c", WORKER, str(spec_path)], capture_output=True,
-                          text=True, cwd=ROOT)
-    if proc.returncode != 0:
-        raise SystemExit(f"worker on {spec_path.name} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return last_json([sys.executable, "-c", WORKER, str(spec_path)])
 
 
 def main() -> int:
