@@ -52,7 +52,8 @@ NOOP_CELLS_ENV = "QLORA_RAY_TEST_NOOP_CELLS"
 PROGRESS_INTERVAL_S = 1.0
 # What the end-of-run summary and the exit code read of each row the driver keeps.
 SUMMARY_KEYS = ("experiment_id", "name", "status", "error", "train_seconds", "peak_memory_bytes",
-                "memory_source", "similarity_score", "similarity_score_before", "accuracy")
+                "memory_source", "similarity_score", "similarity_score_before", "accuracy",
+                "accuracy_majority")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

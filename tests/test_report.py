@@ -457,6 +457,20 @@ def test_run_summary_shows_accuracy_beside_the_majority_baseline() -> None:
     assert lines[2].split()[-2:] == ["0.80", "0.35"] and lines[3].split()[-2:] == ["-", "-"]
 
 
+def test_the_run_summary_from_the_rows_the_driver_keeps_shows_the_majority_baseline() -> None:
+    """The driver keeps only SUMMARY_KEYS of each row; the table it prints from them is the
+    table of the full rows (the majority column was '-' in every run when it was not kept)."""
+    from qlora_ray.scheduler import SUMMARY_KEYS, print_summary
+
+    full = [row("a", accuracy=0.8, accuracy_majority=0.35, similarity_score_before=0.8)]
+    kept = [{k: r.get(k) for k in SUMMARY_KEYS} for r in full]
+    out_full, out_kept = StringIO(), StringIO()
+    print_summary(full, out_full)
+    print_summary(kept, out_kept)
+    assert out_kept.getvalue() == out_full.getvalue()
+    assert out_kept.getvalue().strip().splitlines()[2].split()[-2:] == ["0.80", "0.35"]
+
+
 def test_report_notes_say_what_the_ruler_and_the_floor_are(tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 16 items 1, 3, 5: under the table, the report says that `embedder: self` is each
