@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import hashlib
 import json
 import re
@@ -444,9 +445,10 @@ class ExperimentConfig(_Validated):
                                "use sdpa, or set quant.compute_dtype to bfloat16"))
         return out
 
-    @property
+    @functools.cached_property
     def experiment_id(self) -> str:
-        """12 hex digits of the sha256 of `canonical(self)`: see the identity rules above."""
+        """12 hex digits of the sha256 of `canonical(self)`: see the identity rules above.
+        Cached: the config is frozen, and plan, run and resume each ask for it per cell."""
         return _hash(canonical(self))
 
     def replace(self, **dotted: Any) -> ExperimentConfig:
