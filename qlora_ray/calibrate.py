@@ -58,8 +58,8 @@ class Correction:
     spread: float
     ok_rows: int
     oom_rows: int
+    # The group it came from, e.g. `llama/T4` or `*/*`.
     key: str
-    """The group it came from, e.g. `llama/T4` or `*/*`."""
 
 
 @dataclass(frozen=True)

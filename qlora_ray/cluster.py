@@ -38,14 +38,14 @@ class AutoscalerView:
     """The autoscaler's latest report, reduced to what `run` and `doctor` need."""
 
     kind: Kind
+    # Node type -> nodes being launched or set up.
     launching: dict[str, int] = field(default_factory=dict)
-    """Node type -> nodes being launched or set up."""
+    # v1: the resources those nodes will bring, summed; None where the report does not say (v2).
     launching_resources: dict[str, float] | None = None
-    """v1: the resources those nodes will bring, summed; None where the report does not say (v2)."""
+    # Node type -> its last launch error, for types whose last launch failed.
     failing: dict[str, str] = field(default_factory=dict)
-    """Node type -> its last launch error, for types whose last launch failed."""
+    # v2: resource requests that no node type can satisfy.
     infeasible: tuple[dict[str, float], ...] = ()
-    """v2: resource requests that no node type can satisfy."""
     detail: str = ""
 
     @property

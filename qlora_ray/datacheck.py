@@ -62,8 +62,8 @@ class DatasetCheck:
 
     rows: list[dict[str, Any]]
     columns: list[str]
+    # Rows with a non-empty response (the others are dropped, as data.py does).
     usable: int
-    """Rows with a non-empty response (the others are dropped, as data.py does)."""
     dropped: int
     notes: list[str] = field(default_factory=list)
 

@@ -36,16 +36,16 @@ __all__ = ["BatchShape", "DataLengths", "batch_shape", "data_lengths", "worst_ca
 class BatchShape:
     """Sequence lengths one cell's batches reach (the fields `memory.Shape` takes)."""
 
+    # Padded length of the longest training batch (max_seq_len with packing or worst case).
     train_seq: int
-    """Padded length of the longest training batch (max_seq_len with packing or worst case)."""
+    # Longest eval prompt, before `eval.max_new_tokens` are generated.
     eval_prompt: int
-    """Longest eval prompt, before `eval.max_new_tokens` are generated."""
+    # Longest eval-loss row.
     eval_seq: int
-    """Longest eval-loss row."""
+    # Longest reference answer.
     reference: int
-    """Longest reference answer."""
+    # `worst case`, `tokenizer` or `estimated` (bytes per token, no tokenizer found).
     source: str
-    """`worst case`, `tokenizer` or `estimated` (bytes per token, no tokenizer found)."""
 
 
 def worst_case(cfg: ExperimentConfig) -> BatchShape:

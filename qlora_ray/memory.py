@@ -72,25 +72,25 @@ class Recipe:
     them with its own Recipe (docs/memory.md says which and why).
     """
 
+    # 4/8-bit: `prepare_model_for_kbit_training` casts every 16-bit parameter that is not packed
+    # 4-bit or int8 (embeddings, lm_head, norms) to fp32, so the residual stream that flows from the
+    # fp32 embeddings is fp32 too.
     kbit_upcast: bool = True
-    """4/8-bit: `prepare_model_for_kbit_training` casts every 16-bit parameter that is not
-    packed 4-bit or int8 (embeddings, lm_head, norms) to fp32, so the residual stream that
-    flows from the fp32 embeddings is fp32 too."""
+    # 16-bit: also run k-bit preparation on the unquantized model, which makes the whole model fp32
+    # (qlora-ray does not; FinLoRA's script did).
     upcast_16bit_model: bool = False
-    """16-bit: also run k-bit preparation on the unquantized model, which makes the whole
-    model fp32 (qlora-ray does not; FinLoRA's script did)."""
+    # LoRA weights' width: PEFT keeps adapters in fp32 (`autocast_adapter_dtype`).
     adapter_bytes: int = 4
-    """LoRA weights' width: PEFT keeps adapters in fp32 (`autocast_adapter_dtype`)."""
+    # Override the width of embeddings/lm_head/norms; None follows kbit_upcast.
     unquantized_bytes: int | None = None
-    """Override the width of embeddings/lm_head/norms; None follows kbit_upcast."""
+    # `cpu` models the memory harness's run: dropout keeps an fp32 noise tensor instead of CUDA's
+    # bool mask, and 8-bit layers run `MatMul8bitFp` (see memory_harness.CPU_VS_GPU).
     device: str = "cuda"
-    """`cpu` models the memory harness's run: dropout keeps an fp32 noise tensor instead of
-    CUDA's bool mask, and 8-bit layers run `MatMul8bitFp` (see memory_harness.CPU_VS_GPU)."""
+    # bitsandbytes before 0.45 kept each 4-bit layer's input for backward (`ctx.tensors = (A, B)` in
+    # MatMul4Bit); 0.50, which qlora-ray pins, keeps only B.
     saves_4bit_input: bool = False
-    """bitsandbytes before 0.45 kept each 4-bit layer's input for backward
-    (`ctx.tensors = (A, B)` in MatMul4Bit); 0.50, which qlora-ray pins, keeps only B."""
+    # Also predict the eval pass.
     count_eval: bool = True
-    """Also predict the eval pass."""
 
 
 DEFAULT_RECIPE = Recipe()
@@ -105,9 +105,9 @@ class Shape:
     eval_seq: int
     reference: int
     source: str = "worst case"
+    # Whether training batches carry an attention mask; None: rows of unequal length do (any batch
+    # of 2 or more, or packed rows).
     masked: bool | None = None
-    """Whether training batches carry an attention mask; None: rows of unequal length do
-    (any batch of 2 or more, or packed rows)."""
 
 
 def worst_case_shape(cfg: ExperimentConfig) -> Shape:
@@ -135,12 +135,12 @@ class Estimate:
     eval_range: tuple[int, int]
     breakdown: dict[str, int]
     eval_breakdown: dict[str, int]
+    # `forward`, `loss` or `layer`: which moment of the step is the peak.
     train_moment: str
-    """`forward`, `loss` or `layer`: which moment of the step is the peak."""
     eval_moment: str
     problems: tuple[str, ...] = ()
+    # Tensor bytes (weights included) at each moment of the training step.
     moment_tensors: dict[str, int] = field(default_factory=dict)
-    """Tensor bytes (weights included) at each moment of the training step."""
 
     @property
     def peak_bytes(self) -> int:

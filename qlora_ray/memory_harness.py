@@ -72,25 +72,25 @@ class Measurement:
     """One harness point: bytes of live tensors, and what they were at each peak."""
 
     layers: int
+    # Live before training: weights, quantization constants, adapters.
     static_bytes: int
-    """Live before training: weights, quantization constants, adapters."""
     train_peak_bytes: int
     eval_peak_bytes: int
+    # Peak of the forward pass and the loss's backward, up to the final norm's gradient.
     loss_peak_bytes: int
-    """Peak of the forward pass and the loss's backward, up to the final norm's gradient."""
+    # Peak of the decoder layers' backward and the optimizer step.
     layer_peak_bytes: int
-    """Peak of the decoder layers' backward and the optimizer step."""
+    # Live when training ends (adapters, gradients if kept, optimizer state).
     after_train_bytes: int
-    """Live when training ends (adapters, gradients if kept, optimizer state)."""
     train_seconds: float
     eval_seconds: float
+    # Live bytes at the training peak by (phase, op, dtype, shape), largest first.
     train_top: list[tuple[str, int]] = field(default_factory=list)
-    """Live bytes at the training peak by (phase, op, dtype, shape), largest first."""
     loss_top: list[tuple[str, int]] = field(default_factory=list)
     layer_top: list[tuple[str, int]] = field(default_factory=list)
     eval_top: list[tuple[str, int]] = field(default_factory=list)
+    # Attention and matmul ops that ran (which SDPA kernel the CPU used, for instance).
     ops_seen: list[str] = field(default_factory=list)
-    """Attention and matmul ops that ran (which SDPA kernel the CPU used, for instance)."""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -54,31 +54,33 @@ TIME_KEYS = ("predicted_tokens_per_second", "predicted_seconds", "predicted_eval
 
 @dataclass(frozen=True)
 class CellPlan:
+    """One planned cell: what `plan` prints and `run` submits (a record the planner builds)."""
+
+    # The cell as spec'd (batch_size may still be `auto`).
     config: ExperimentConfig
-    """The cell as spec'd (batch_size may still be `auto`)."""
+    # `config.experiment_id` of the spec'd config, so resuming finds the same rows.
     experiment_id: str
-    """`config.experiment_id` of the spec'd config, so resuming finds the same rows."""
     name: str
     gpu: str | None
     profile: GpuProfile | None
+    # Resolved: `auto` -> the largest that fits with AUTO_BATCH_MARGIN free; else as spec'd.
     batch_size: int
-    """Resolved: `auto` -> the largest that fits with AUTO_BATCH_MARGIN free; else as spec'd."""
+    # Effective: `auto` resolved against the profile.
     compute_dtype: str
-    """Effective: `auto` resolved against the profile."""
+    # The larger of the training and eval peaks (the results contract's column).
     predicted_peak_bytes: int | None
-    """The larger of the training and eval peaks (the results contract's column)."""
     breakdown: dict[str, int]
+    # False only when the cell is sure not to fit: even the low end of its range is over.
     fits: bool
-    """False only when the cell is sure not to fit: even the low end of its range is over."""
+    # Why the cell cannot run as specified; empty when it can.
     problems: list[str]
-    """Why the cell cannot run as specified; empty when it can."""
+    # Things worth knowing that do not stop the cell (e.g. the OOM back-off it will need).
     notes: list[str] = field(default_factory=list)
-    """Things worth knowing that do not stop the cell (e.g. the OOM back-off it will need)."""
+    # Predicted training time, GPU time and cost (None: no data or no speed numbers).
     time: TimePrediction | None = None
-    """Predicted training time, GPU time and cost (None: no data or no speed numbers)."""
     estimate: Estimate | None = None
+    # Runs, but the card is inside the predicted range: it may end as an `oom` row.
     tight: bool = False
-    """Runs, but the card is inside the predicted range: it may end as an `oom` row."""
     shape: Shape | None = None
     family: str | None = None
     correction: Correction | None = None

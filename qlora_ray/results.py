@@ -256,8 +256,8 @@ def redact(results: str) -> str:
                                     parts.fragment))
 
 
+# About two rows: the probe fails on a disk without room for the first row.
 PROBE_BYTES = 64 * 1024
-"""About two rows: the probe fails on a disk without room for the first row."""
 
 
 def probe_write(results: str, spec_name: str) -> None:
@@ -472,8 +472,8 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 # pandas is imported inside the functions: the driver and the workers import this module
 # and should not pay for pandas to write a row.
 
+# The column that joins runs to samples (and a rerun's row to the cell it replaces).
 JOIN_KEY = "experiment_id"
-"""The column that joins runs to samples (and a rerun's row to the cell it replaces)."""
 
 
 class ResultsWarning(UserWarning):

@@ -73,10 +73,10 @@ class Work:
     """What a piece of training or evaluation costs the device and the host."""
 
     flops: float = 0.0
+    # Weights the matmuls read: hidden behind the FLOPs unless the batch is small.
     weight_bytes: float = 0.0
-    """Weights the matmuls read: hidden behind the FLOPs unless the batch is small."""
+    # Other memory traffic (elementwise ops, casts, dequantization).
     bytes: float = 0.0
-    """Other memory traffic (elementwise ops, casts, dequantization)."""
     ops: float = 0.0
 
     def __add__(self, other: Work) -> Work:
@@ -96,8 +96,8 @@ class Hardware:
     flops_per_second: float
     bytes_per_second: float
     op_seconds: float
+    # GPU: the host queues kernels ahead of the device, so the slower of the two counts.
     asynchronous: bool
-    """GPU: the host queues kernels ahead of the device, so the slower of the two counts."""
 
 
 def hardware(profile: GpuProfile | None, compute_dtype: str) -> Hardware | None:

@@ -46,21 +46,21 @@ LOAD_BYTES_PER_SECOND = 1e9
 class Factors:
     """What calibration learned for one kind of cell (defaults: nothing measured yet)."""
 
+    # Replaces the profile's default efficiency factor for training.
     train_efficiency: float | None = None
-    """Replaces the profile's default efficiency factor for training."""
+    # Where the factors come from: `default`, or the calibration key that matched.
     source: str = "default"
-    """Where the factors come from: `default`, or the calibration key that matched."""
 
 
 @dataclass(frozen=True)
 class TimePrediction:
+    # Non-padding training tokens per second (what a row's `tokens_per_second` counts).
     tokens_per_second: float
-    """Non-padding training tokens per second (what a row's `tokens_per_second` counts)."""
     train_seconds: float
     eval_seconds: float
     setup_seconds: float
+    # Non-padding tokens the optimizer will see over the whole run.
     train_tokens: int
-    """Non-padding tokens the optimizer will see over the whole run."""
     steps: int
     usd_per_hour: float | None
     efficiency: float

@@ -48,16 +48,16 @@ GENERIC_CHAT_TEMPLATE = (
 class DataLengths:
     """Token counts of one cell's data, as training and evaluation will see them."""
 
+    # Tokens per training sequence after truncation (and packing): one epoch.
     train: tuple[int, ...]
-    """Tokens per training sequence after truncation (and packing): one epoch."""
+    # Prompt tokens of each evaluated row (generation input).
     eval_prompts: tuple[int, ...]
-    """Prompt tokens of each evaluated row (generation input)."""
+    # Prompt + answer tokens of each evaluated row (the eval loss pass).
     eval_examples: tuple[int, ...]
-    """Prompt + answer tokens of each evaluated row (the eval loss pass)."""
+    # Tokens of each reference answer (embedded for the similarity score).
     references: tuple[int, ...]
-    """Tokens of each reference answer (embedded for the similarity score)."""
+    # True when no tokenizer was found and lengths are bytes / BYTES_PER_TOKEN.
     estimated: bool
-    """True when no tokenizer was found and lengths are bytes / BYTES_PER_TOKEN."""
     _memo: dict[tuple[str, int], float] = field(default_factory=dict, compare=False, repr=False)
 
     @property
