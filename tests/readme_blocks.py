@@ -10,6 +10,7 @@ import contextlib
 import re
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,10 +36,11 @@ def commands(block: str) -> list[str]:
     return out
 
 
-def forward(listen_port: int, target_port: int) -> socket.socket:
+@contextlib.contextmanager
+def forward(listen_port: int, target_port: int) -> Iterator[None]:
     """Accept on 127.0.0.1:listen_port and pipe each connection to 127.0.0.1:target_port.
 
-    Returns the listening socket; closing it stops accepting (open pipes end with their peers).
+    On leaving, the port is free again (checked): the next test or README block may need it.
     """
     server = socket.socket()
     server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -62,16 +64,33 @@ def forward(listen_port: int, target_port: int) -> socket.socket:
                 client, _ = server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", target_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", target_port))
+            except OSError:
+                client.close()  # as an SSH tunnel does when the far end refuses: the client sees EOF
+                continue
             threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
             threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
 
-    threading.Thread(target=accept, daemon=True).start()
-    return server
+    acceptor = threading.Thread(target=accept, daemon=True)
+    acceptor.start()
+    try:
+        yield
+    finally:
+        # close() alone leaves the port listening on Linux while another thread sits in
+        # accept() (the call holds the socket); shutdown() wakes it with an error first.
+        with contextlib.suppress(OSError):
+            server.shutdown(socket.SHUT_RDWR)
+        server.close()
+        acceptor.join(timeout=10)
+    assert port_is_free(listen_port), f"127.0.0.1:{listen_port} still taken after the forward closed"
 
 
 def port_is_free(port: int) -> bool:
+    """Whether a server could listen on 127.0.0.1:port now. SO_REUSEADDR as servers set it
+    (aiohttp, Ray's GCS): a closed connection's TIME_WAIT does not count, a listener does."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:

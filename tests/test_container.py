@@ -448,7 +448,6 @@ def test_the_readme_cluster_block_runs_as_written(head_node: dict[str, str], s3:
     # is the container above; the SSH tunnel is a plain forward of 127.0.0.1:8265 to it).
     if not port_is_free(8265):
         pytest.fail("127.0.0.1:8265 is taken (another Ray dashboard?): the README's tunnel port is needed")
-    tunnel = forward(8265, int(head_node["dashboard_port"]))
     standins = (
         'ray() {\n  case "$1" in\n'
         '    up) echo "[stand-in] ray up: the head node runs in podman";;\n'
@@ -456,13 +455,11 @@ def test_the_readme_cluster_block_runs_as_written(head_node: dict[str, str], s3:
         '    down) echo "[stand-in] ray down";;\n'
         '    *) command ray "$@";;\n  esac\n}\n')
     script = standins + block.replace("YOUR-BUCKET", README_BUCKET)
-    try:
+    with forward(8265, int(head_node["dashboard_port"])):
         started = time.monotonic()
         proc = subprocess.run(["bash", "-c", script], cwd=ROOT, env=_host_env(HOME=head_node["home"]),
                               capture_output=True, text=True, timeout=1200)
         print(f"\nREADME cluster block: {time.monotonic() - started:.0f} s")
-    finally:
-        tunnel.close()
     out = proc.stdout + proc.stderr
     # doctor ran on the head with the token: no GPU node and no autoscaler, so the GPU types fail.
     assert "ok    auth          token" in out, out[-5000:]

@@ -29,6 +29,7 @@ import psutil
 import pytest
 import yaml
 from ray_cluster import BIN
+from readme_blocks import port_is_free
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +66,12 @@ def embedded_gcs(ray_tmp: Path, driver: subprocess.Popen, timeout: float = 300) 
                     return p, int(text)
         time.sleep(0.5)
     raise AssertionError(f"the embedded Ray never started: {driver.communicate(timeout=60)[0][-3000:]}")
+
+
+def listening_on(port: int) -> list[str]:
+    """Who listens on `port` (for a failure message)."""
+    return [f"{c.laddr.ip}:{port} pid {c.pid}" for c in psutil.net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
 
 
 def listening(pid: int) -> list[tuple[str, str, int]]:
@@ -144,6 +151,11 @@ def test_the_embedded_ray_is_private_and_the_readme_local_ray_steps_work_after_i
             assert secret.encode() not in path.read_bytes(), f"the embedded Ray's token is in {path}"
 
     # 2. The README's local Ray block, as written, in the same HOME.
+    # `ray start --head` starts its dashboard on 8265 only if the port is free (else it goes
+    # on without one, and the block's `ray job submit` talks to whatever holds the port).
+    for port in (6379, 8265):
+        if not port_is_free(port):
+            pytest.fail(f"127.0.0.1:{port} is taken before the README block runs: {listening_on(port)}")
     checkout = checkout_copy(tmp_path / "checkout")
     shell_env = {**env, "PATH": f"{BIN}:{env['PATH']}", "VIRTUAL_ENV": str(BIN.parent)}
     try:
