@@ -1,30 +1,29 @@
-"""Validated, frozen experiment configs.
+"""The experiment schema: one frozen, validated dataclass per section of a spec.
 
-One `ExperimentConfig` is one cell of a grid: everything a worker needs to run it.
-Every field carries its help text in `metadata["help"]` (the README table is generated
-from it). Validation collects every problem, then raises one `ConfigError` whose lines
-name the key as the user typed it, the value, and the fix.
-
-No torch, no Ray here: the CLI's `plan` imports this module and must stay instant.
+An `ExperimentConfig` is one grid cell. Fields are declared `_f(default, help=...)`
+(docs/config.md is generated from the help); each section's `problems()` names the key,
+the value and the fix. No torch, no Ray: `plan` imports this and stays instant.
 """
-
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
-import hashlib
 import json
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
-# ConfigError, from_dict and set_dotted are re-exported: callers take them from here, with the schema.
+# ConfigError, from_dict, to_dict, set_dotted and problem are re-exported: callers take them from
+# here, with the schema.
 from qlora_ray.fromdict import ConfigError as ConfigError
-from qlora_ray.fromdict import check_type, is_dataclass_type, problem, raise_if, type_hints
+from qlora_ray.fromdict import Validated, at_most, is_dataclass_type, one_of, positive
 from qlora_ray.fromdict import from_dict as from_dict
+from qlora_ray.fromdict import problem as problem
 from qlora_ray.fromdict import set_dotted as set_dotted
+from qlora_ray.fromdict import to_dict as to_dict
+from qlora_ray.identity import FIRST_RELEASE, field_default
+from qlora_ray.identity import experiment_id as _experiment_id
 
 QUANT_BITS = (4, 8, 16)
 QUANT_TYPES = ("nf4", "fp4")
@@ -54,26 +53,6 @@ MAX_LIST_ITEMS = 1000
 DEFAULT_PROMPT_TEMPLATE = "### Instruction:\n{instruction}\n### Input:\n{input}\n### Response:\n"
 
 
-# ---------------------------------------------------------------------------------------
-# Identity: what `experiment_id` hashes. A rerun finds a cell's row by this id, so the id must
-# depend only on what the cell *is*, never on how the spec spells it or on the version:
-#
-# 1. Every value is first converted to its field's declared type (`alpha: 16` and the
-#    default 16 are both the float 16.0; `2e-4` written as a string is the float 0.0002).
-# 2. Only fields that change what is trained or measured count; a field declared with
-#    `identity=False` (the cell's `name`, a label) is left out.
-# 3. A field added after the first release MUST be declared with `since="<version>"`: it is
-#    left out of the hash while it holds its default, so adding it changes no existing id
-#    and an upgrade reruns nothing.
-# 4. Changing a field's default changes the id of every cell that left it out. Only when
-#    the new default trains exactly what the old one did, declare `same_as={new: old}`:
-#    the hash then reads the new value as the old one.
-# tests/golden/experiment_ids.json pins the id of every cell of every shipped spec, so a
-# change that breaks these rules fails a test. Ids written by 0.1.0, which hashed values
-# as spelled, are found again through `legacy_experiment_id`.
-FIRST_RELEASE = "0.1.0"
-
-
 def _f(
     default: Any = dataclasses.MISSING,
     help: str = "",
@@ -83,9 +62,9 @@ def _f(
     same_as: dict[Any, Any] | None = None,
     **kw: Any,
 ) -> Any:
-    """A dataclass field with its help text (the README table) and its identity rule.
+    """A dataclass field with its help text (docs/config.md) and its identity rule.
 
-    `since`: the release that added the field (see the identity rules above).
+    `since`: the release that added the field (the identity rules in `identity.py`).
     `identity`: False for fields that change neither what is trained nor what is measured.
     `same_as`: values the hash reads as another value (rule 4).
     """
@@ -95,40 +74,8 @@ def _f(
     return field(default=default, metadata=metadata, **kw)
 
 
-def _positive(out: list[str], key: str, value: Any, fix: str, *, allow_zero: bool = False) -> None:
-    low_ok = value >= 0 if allow_zero else value > 0
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and not low_ok:
-        rule = "must be >= 0" if allow_zero else "must be > 0"
-        out.append(problem(key, value, rule, fix))
-
-
-def _at_most(out: list[str], key: str, value: Any, limit: int | float, fix: str) -> None:
-    """Upper bounds: a spec is untrusted input, and a typo of 10**9 must not start a run."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit:
-        out.append(problem(key, value, f"must be <= {limit:,}", fix))
-
-
-def _one_of(out: list[str], key: str, value: Any, allowed: tuple[Any, ...]) -> None:
-    if value not in allowed:
-        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        out.append(
-            problem(key, value, f"must be one of {', '.join(map(str, allowed))}", f"pick one{hint}")
-        )
-
-
-class _Validated:
-    """A config section that checks itself when built: `problems()`, raised together."""
-
-    def problems(self) -> list[str]:
-        return []
-
-    def __post_init__(self) -> None:
-        raise_if(self.problems())
-
-
 @dataclass(frozen=True)
-class ModelConfig(_Validated):
+class ModelConfig(Validated):
     name: str = _f(
         "builtin:tiny-llama",
         "Hub id, local path, or `builtin:tiny-llama` (built locally, no network).",
@@ -156,13 +103,13 @@ class ModelConfig(_Validated):
         if not self.name:
             out.append(problem("model.name", self.name, "must not be empty", "give a hub id or path"))
         if self.name.startswith(BUILTIN_PREFIX):
-            _one_of(out, "model.name", self.name, tuple(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
-        _one_of(out, "model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
+            one_of(out, "model.name", self.name, tuple(BUILTIN_PREFIX + m for m in BUILTIN_MODELS))
+        one_of(out, "model.attn_implementation", self.attn_implementation, ATTN_IMPLEMENTATIONS)
         return out
 
 
 @dataclass(frozen=True)
-class DatasetConfig(_Validated):
+class DatasetConfig(Validated):
     path: str = _f(
         "experiments/data/fin_sentiment.jsonl",
         "Local .jsonl/.json/.csv/.parquet file, or a `datasets` name (e.g. `org/data`).",
@@ -198,9 +145,9 @@ class DatasetConfig(_Validated):
         if isinstance(self.eval_size, int) and self.eval_size < 1:
             out.append(problem("dataset.eval_size", self.eval_size, "must be >= 1", "hold out rows"))
         if isinstance(self.eval_size, int):
-            _at_most(out, "dataset.eval_size", self.eval_size, MAX_ROWS, "hold out fewer rows")
+            at_most(out, "dataset.eval_size", self.eval_size, MAX_ROWS, "hold out fewer rows")
         if self.max_train_samples is not None:
-            _at_most(out, "dataset.max_train_samples", self.max_train_samples, MAX_ROWS,
+            at_most(out, "dataset.max_train_samples", self.max_train_samples, MAX_ROWS,
                      "remove it to use every row")
         if len(self.prompt_template) > MAX_TEMPLATE_CHARS:
             out.append(problem("dataset.prompt_template", f"{len(self.prompt_template):,} characters",
@@ -227,7 +174,7 @@ class DatasetConfig(_Validated):
 
 
 @dataclass(frozen=True)
-class QuantConfig(_Validated):
+class QuantConfig(Validated):
     bits: int = _f(4, "4 = QLoRA (bitsandbytes Linear4bit), 8 = LLM.int8, 16 = no quantization.")
     type: str = _f("nf4", "4-bit data type: nf4 (QLoRA's NormalFloat) or fp4.")
     double_quant: bool = _f(True, "Quantize the 4-bit block constants too (saves ~0.4 bit/param).")
@@ -239,14 +186,14 @@ class QuantConfig(_Validated):
 
     def problems(self) -> list[str]:
         out: list[str] = []
-        _one_of(out, "quant.bits", self.bits, QUANT_BITS)
-        _one_of(out, "quant.type", self.type, QUANT_TYPES)
-        _one_of(out, "quant.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        one_of(out, "quant.bits", self.bits, QUANT_BITS)
+        one_of(out, "quant.type", self.type, QUANT_TYPES)
+        one_of(out, "quant.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         return out
 
 
 @dataclass(frozen=True)
-class LoraConfig(_Validated):
+class LoraConfig(Validated):
     r: int = _f(8, "Adapter rank.")
     alpha: float = _f(16, "Scale numerator: updates are scaled by alpha / r (alpha / sqrt(r) with rsLoRA).")
     dropout: float = _f(0.05, "Dropout on the adapter input.")
@@ -260,10 +207,10 @@ class LoraConfig(_Validated):
 
     def problems(self) -> list[str]:
         out: list[str] = []
-        _positive(out, "lora.r", self.r, "use a rank such as 8 or 16")
-        _at_most(out, "lora.r", self.r, MAX_LORA_RANK, "use a rank such as 8 or 16")
-        _positive(out, "lora.alpha", self.alpha, "use e.g. 2 x r")
-        _at_most(out, "lora.alpha", self.alpha, 2 * MAX_LORA_RANK * 16, "use e.g. 2 x r")
+        positive(out, "lora.r", self.r, "use a rank such as 8 or 16")
+        at_most(out, "lora.r", self.r, MAX_LORA_RANK, "use a rank such as 8 or 16")
+        positive(out, "lora.alpha", self.alpha, "use e.g. 2 x r")
+        at_most(out, "lora.alpha", self.alpha, 2 * MAX_LORA_RANK * 16, "use e.g. 2 x r")
         if isinstance(self.target_modules, tuple) and len(self.target_modules) > MAX_LIST_ITEMS:
             out.append(problem("lora.target_modules", f"{len(self.target_modules):,} names",
                                f"must name at most {MAX_LIST_ITEMS:,} modules", "use all-linear"))
@@ -277,12 +224,12 @@ class LoraConfig(_Validated):
             )
         if isinstance(self.target_modules, tuple) and not self.target_modules:
             out.append(problem("lora.target_modules", [], "must not be empty", "name at least one module"))
-        _one_of(out, "lora.bias", self.bias, LORA_BIAS)
+        one_of(out, "lora.bias", self.bias, LORA_BIAS)
         return out
 
 
 @dataclass(frozen=True)
-class TrainConfig(_Validated):
+class TrainConfig(Validated):
     epochs: float = _f(3, "Passes over the training split (ignored when max_steps is set).")
     max_steps: int | None = _f(None, "Stop after this many optimizer steps instead of epochs.")
     batch_size: int | str = _f(
@@ -308,17 +255,17 @@ class TrainConfig(_Validated):
 
     def problems(self) -> list[str]:
         out: list[str] = []
-        _positive(out, "train.epochs", self.epochs, "train for at least a fraction of an epoch")
-        _at_most(out, "train.epochs", self.epochs, MAX_EPOCHS, "use e.g. 3")
+        positive(out, "train.epochs", self.epochs, "train for at least a fraction of an epoch")
+        at_most(out, "train.epochs", self.epochs, MAX_EPOCHS, "use e.g. 3")
         if self.max_steps is not None:
-            _positive(out, "train.max_steps", self.max_steps, "remove it to train by epochs")
-            _at_most(out, "train.max_steps", self.max_steps, MAX_STEPS, "remove it to train by epochs")
+            positive(out, "train.max_steps", self.max_steps, "remove it to train by epochs")
+            at_most(out, "train.max_steps", self.max_steps, MAX_STEPS, "remove it to train by epochs")
         if not isinstance(self.batch_size, str):
-            _at_most(out, "train.batch_size", self.batch_size, MAX_BATCH, "use e.g. 4, or auto")
-        _at_most(out, "train.grad_accum", self.grad_accum, MAX_BATCH, "use e.g. 4")
-        _at_most(out, "train.max_seq_len", self.max_seq_len, MAX_SEQ_LEN, "use the model's context length")
-        _at_most(out, "train.learning_rate", self.learning_rate, 1.0, "use e.g. 2.0e-4")
-        _at_most(out, "train.logging_steps", self.logging_steps, MAX_STEPS, "use e.g. 10")
+            at_most(out, "train.batch_size", self.batch_size, MAX_BATCH, "use e.g. 4, or auto")
+        at_most(out, "train.grad_accum", self.grad_accum, MAX_BATCH, "use e.g. 4")
+        at_most(out, "train.max_seq_len", self.max_seq_len, MAX_SEQ_LEN, "use the model's context length")
+        at_most(out, "train.learning_rate", self.learning_rate, 1.0, "use e.g. 2.0e-4")
+        at_most(out, "train.logging_steps", self.logging_steps, MAX_STEPS, "use e.g. 10")
         if isinstance(self.batch_size, str):
             if self.batch_size != "auto":
                 out.append(
@@ -329,16 +276,16 @@ class TrainConfig(_Validated):
             out.append(problem("train.batch_size", self.batch_size, "must be >= 1", "use e.g. 4"))
         if self.grad_accum < 1:
             out.append(problem("train.grad_accum", self.grad_accum, "must be >= 1", "use 1 for none"))
-        _positive(out, "train.learning_rate", self.learning_rate, "use e.g. 2.0e-4")
+        positive(out, "train.learning_rate", self.learning_rate, "use e.g. 2.0e-4")
         if not 0 <= self.warmup_ratio < 1:
             out.append(problem("train.warmup_ratio", self.warmup_ratio, "must be in [0, 1)", "use e.g. 0.03"))
-        _positive(out, "train.weight_decay", self.weight_decay, "use 0 for none", allow_zero=True)
-        _positive(out, "train.max_grad_norm", self.max_grad_norm, "use e.g. 0.3")
+        positive(out, "train.weight_decay", self.weight_decay, "use 0 for none", allow_zero=True)
+        positive(out, "train.max_grad_norm", self.max_grad_norm, "use e.g. 0.3")
         if self.max_seq_len < 8:
             out.append(problem("train.max_seq_len", self.max_seq_len, "must be >= 8", "use e.g. 256"))
-        _one_of(out, "train.optim", self.optim, OPTIMIZERS)
-        _one_of(out, "train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
-        _positive(out, "train.logging_steps", self.logging_steps, "use e.g. 10")
+        one_of(out, "train.optim", self.optim, OPTIMIZERS)
+        one_of(out, "train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        positive(out, "train.logging_steps", self.logging_steps, "use e.g. 10")
         return out
 
     @property
@@ -347,7 +294,7 @@ class TrainConfig(_Validated):
 
 
 @dataclass(frozen=True)
-class SimilarityConfig(_Validated):
+class SimilarityConfig(Validated):
     embedder: str = _f(
         "self",
         "`self` (the evaluated model's own mean-pooled last hidden state, as the seed results, "
@@ -372,7 +319,7 @@ class SimilarityConfig(_Validated):
 
 
 @dataclass(frozen=True)
-class EvalConfig(_Validated):
+class EvalConfig(Validated):
     max_new_tokens: int = _f(
         16, "Greedy decoding length for the generated answers; cover the longest reference "
         "(the worker warns when a reference is longer).")
@@ -391,13 +338,13 @@ class EvalConfig(_Validated):
 
     def problems(self) -> list[str]:
         out: list[str] = []
-        _positive(out, "eval.max_new_tokens", self.max_new_tokens, "use e.g. 16")
-        _at_most(out, "eval.max_new_tokens", self.max_new_tokens, MAX_NEW_TOKENS, "use e.g. 16")
-        _positive(out, "eval.batch_size", self.batch_size, "use e.g. 16")
-        _at_most(out, "eval.batch_size", self.batch_size, MAX_BATCH, "use e.g. 16")
+        positive(out, "eval.max_new_tokens", self.max_new_tokens, "use e.g. 16")
+        at_most(out, "eval.max_new_tokens", self.max_new_tokens, MAX_NEW_TOKENS, "use e.g. 16")
+        positive(out, "eval.batch_size", self.batch_size, "use e.g. 16")
+        at_most(out, "eval.batch_size", self.batch_size, MAX_BATCH, "use e.g. 16")
         if self.max_samples is not None:
-            _positive(out, "eval.max_samples", self.max_samples, "remove it to use the whole split")
-            _at_most(out, "eval.max_samples", self.max_samples, MAX_ROWS, "remove it to use the whole split")
+            positive(out, "eval.max_samples", self.max_samples, "remove it to use the whole split")
+            at_most(out, "eval.max_samples", self.max_samples, MAX_ROWS, "remove it to use the whole split")
         if not isinstance(self.labels, str) and len(self.labels) > MAX_LIST_ITEMS:
             out.append(problem("eval.labels", f"{len(self.labels):,} labels",
                                f"must list at most {MAX_LIST_ITEMS:,} labels", "use auto or none"))
@@ -408,10 +355,8 @@ class EvalConfig(_Validated):
 
 
 @dataclass(frozen=True)
-class ExperimentConfig(_Validated):
+class ExperimentConfig(Validated):
     """One cell of a grid: the whole recipe of one fine-tuning run."""
-
-    section: ClassVar[str] = ""
 
     name: str = _f("experiment", "Human name, made from the axis values; safe as a file name.",
                    identity=False)
@@ -447,9 +392,9 @@ class ExperimentConfig(_Validated):
 
     @functools.cached_property
     def experiment_id(self) -> str:
-        """12 hex digits of the sha256 of `canonical(self)`: see the identity rules above.
-        Cached: the config is frozen, and plan, run and resume each ask for it per cell."""
-        return _hash(canonical(self))
+        """12 hex digits that name this cell's row (the rules: `identity.py`). Cached: the
+        config is frozen, and plan, run and resume each ask for it per cell."""
+        return _experiment_id(self)
 
     def replace(self, **dotted: Any) -> ExperimentConfig:
         """A copy with dotted keys overridden, validated again: `cfg.replace(**{"train.batch_size": 2})`."""
@@ -457,90 +402,6 @@ class ExperimentConfig(_Validated):
         for key, value in dotted.items():
             set_dotted(data, key, value)
         return from_dict(ExperimentConfig, data)
-
-
-# ---------------------------------------------------------------------------------------
-# dict <-> dataclass, with type checks that name the key
-
-
-def to_dict(cfg: Any) -> dict[str, Any]:
-    """Plain JSON-able dict (tuples become lists)."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg)))
-
-
-def canonical(cfg: Any) -> dict[str, Any]:
-    """The part of a config that is its identity, each value in its declared type (JSON-able)."""
-    hints = type_hints(type(cfg))
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(cfg):
-        if not f.metadata.get("identity", True):
-            continue
-        value = getattr(cfg, f.name)
-        if is_dataclass_type(hints[f.name]):
-            out[f.name] = canonical(value)
-            continue
-        value = _as_declared(value, hints[f.name], f)
-        if f.metadata.get("since", FIRST_RELEASE) != FIRST_RELEASE and value == _as_declared(
-            _default(f), hints[f.name], f
-        ):
-            continue  # added later and at its default: the cell is what it was before
-        out[f.name] = value
-    return out
-
-
-def legacy_experiment_id(cfg: ExperimentConfig) -> str | None:
-    """The id qlora-ray 0.1.0 gave this cell, or None if 0.1.0 could not have run it.
-
-    0.1.0 hashed every field but `name` with each value as spelled (`alpha: 16` written out
-    was 16.0, left out it was the integer default 16), so the same cell written two ways had
-    two ids. This is used only to find rows 0.1.0 wrote; `run` moves them to their new ids.
-    """
-    payload = to_dict(cfg)
-    payload.pop("name")
-    if not _as_first_release(cfg, payload):
-        return None
-    return _hash(payload)
-
-
-def _as_first_release(cfg: Any, payload: dict[str, Any]) -> bool:
-    """Make `payload` what 0.1.0 hashed: later fields dropped, changed defaults put back.
-
-    False if a later field holds a non-default value (0.1.0 could not have run the cell).
-    """
-    for f in dataclasses.fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.metadata.get("since", FIRST_RELEASE) != FIRST_RELEASE:
-            if value != _default(f):
-                return False
-            payload.pop(f.name, None)
-        elif dataclasses.is_dataclass(value):
-            if not _as_first_release(value, payload[f.name]):
-                return False
-        elif f.name in payload and isinstance(payload[f.name], (str, int, float, bool)):
-            payload[f.name] = (f.metadata.get("same_as") or {}).get(payload[f.name], payload[f.name])
-    return True
-
-
-def _hash(payload: dict[str, Any]) -> str:
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def _default(f: dataclasses.Field[Any]) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory()  # type: ignore[misc]
-
-
-def _as_declared(value: Any, tp: Any, f: dataclasses.Field[Any]) -> Any:
-    """`value` converted to the declared type `tp` (tuples as lists, for JSON), aliases resolved."""
-    ok, coerced = check_type(value, tp)
-    if not ok:  # only a config built in Python, bypassing from_dict, can hold such a value
-        coerced = value
-    if isinstance(coerced, tuple):
-        return list(coerced)
-    same_as = f.metadata.get("same_as") or {}
-    return same_as.get(coerced, coerced) if isinstance(coerced, (str, int, float, bool)) else coerced
 
 
 def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
@@ -585,7 +446,7 @@ def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
 
 
 def describe_fields(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every field, for the README's reference table."""
+    """(dotted key, default, help) for every field, for docs/config.md (`docs_gen`)."""
     rows: list[tuple[str, str, str]] = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
@@ -593,7 +454,7 @@ def describe_fields(cls: type = ExperimentConfig, prefix: str = "") -> list[tupl
         if is_dataclass_type(tp):
             rows.extend(describe_fields(tp, f"{prefix}{f.name}."))
             continue
-        default = _default(f)
+        default = field_default(f)
         if isinstance(default, tuple):
             default = list(default)
         rows.append((f"{prefix}{f.name}", json.dumps(default), f.metadata.get("help", "")))

@@ -1,5 +1,5 @@
-"""Nested dicts (a parsed spec) into frozen dataclasses: types checked, unknown keys named
-with a close match, and every problem collected into one `ConfigError`.
+"""Nested dicts (a parsed spec) into frozen dataclasses and back: types checked, unknown keys
+named with a close match, each section's own checks run, every problem in one `ConfigError`.
 
 The schema itself (fields, defaults, help, rules) is in `config.py`; this is the machinery.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import json
 import types
 import typing
 from typing import Any
@@ -39,6 +40,38 @@ def problem(key: str, value: Any, rule: str, fix: str) -> str:
 def raise_if(problems: list[str]) -> None:
     if problems:
         raise ConfigError(problems)
+
+
+def positive(out: list[str], key: str, value: Any, fix: str, *, allow_zero: bool = False) -> None:
+    low_ok = value >= 0 if allow_zero else value > 0
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and not low_ok:
+        rule = "must be >= 0" if allow_zero else "must be > 0"
+        out.append(problem(key, value, rule, fix))
+
+
+def at_most(out: list[str], key: str, value: Any, limit: int | float, fix: str) -> None:
+    """Upper bounds: a spec is untrusted input, and a typo of 10**9 must not start a run."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > limit:
+        out.append(problem(key, value, f"must be <= {limit:,}", fix))
+
+
+def one_of(out: list[str], key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    if value not in allowed:
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        out.append(
+            problem(key, value, f"must be one of {', '.join(map(str, allowed))}", f"pick one{hint}")
+        )
+
+
+class Validated:
+    """A config section that checks itself when built: `problems()`, raised together."""
+
+    def problems(self) -> list[str]:
+        return []
+
+    def __post_init__(self) -> None:
+        raise_if(self.problems())
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
@@ -164,3 +197,8 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         problems.append(problem(section or "spec", sorted(kwargs), f"is incomplete ({e})",
                                 "add the missing key"))
         return None
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain JSON-able dict (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))

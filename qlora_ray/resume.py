@@ -18,7 +18,8 @@ import errno
 import sys
 from typing import Any
 
-from qlora_ray.config import ConfigError, legacy_experiment_id, problem
+from qlora_ray.config import ConfigError, problem
+from qlora_ray.identity import legacy_experiment_id
 from qlora_ray.results import (
     move_experiment,
     probe_write,

@@ -1,8 +1,8 @@
 """Experiment ids: the same cell always gets the same id, whatever the spelling or version.
 
 A rerun finds a cell's row by its id, so an id that moves makes finished cells run again
-(hours of GPU time) and lets duplicate cells through. The rules are in qlora_ray/config.py
-next to `_f`; these tests hold the code to them.
+(hours of GPU time) and lets duplicate cells through. The rules are in qlora_ray/identity.py
+(`_f` in config.py declares them per field); these tests hold the code to them.
 
 Regenerate the golden ids (only when a change of ids is intended and migrated):
     .venv/bin/python tests/test_identity.py --update
@@ -21,18 +21,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from qlora_ray.config import (
-    FIRST_RELEASE,
-    ConfigError,
-    ExperimentConfig,
-    LoraConfig,
-    _f,
-    canonical,
-    describe_fields,
-    from_dict,
-    legacy_experiment_id,
-)
+from qlora_ray.config import ConfigError, ExperimentConfig, LoraConfig, _f, describe_fields, from_dict
 from qlora_ray.grid import expand, load_spec
+from qlora_ray.identity import FIRST_RELEASE, canonical, legacy_experiment_id
 
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "experiment_ids.json"
@@ -57,7 +48,7 @@ def test_every_cell_of_every_shipped_spec_keeps_its_id():
         "experiment ids changed, so every finished grid would run again after an upgrade:\n  "
         + "\n  ".join(changed)
         + "\nA new config field needs since=... in its _f(...); a changed default changes ids (see "
-        "the identity rules in qlora_ray/config.py)."
+        "the identity rules in qlora_ray/identity.py)."
     )
 
 
@@ -116,7 +107,7 @@ def test_a_default_written_out_is_the_same_cell_so_the_grid_refuses_the_duplicat
 
 
 def test_a_field_added_later_changes_no_id_while_it_holds_its_default():
-    # A release that adds a LoRA knob: declared with since=..., as config.py's rules say.
+    # A release that adds a LoRA knob: declared with since=..., as identity.py's rules say.
     later = dataclasses.make_dataclass(
         "LoraConfigNext", [("init_scale", float, _f(1.0, "A knob added after 0.1.0.", since="0.2.0"))],
         bases=(LoraConfig,), frozen=True)
@@ -131,7 +122,7 @@ def test_a_field_added_later_changes_no_id_while_it_holds_its_default():
 
 
 def test_a_changed_default_declared_same_as_the_old_one_changes_no_id():
-    # A release whose new default trains what the old default did (rule 4 in config.py).
+    # A release whose new default trains what the old default did (rule 4 in identity.py).
     changed = dataclasses.make_dataclass(
         "LoraConfigNext", [("bias", str, _f("none-by-default", "New spelling of none.",
                                             same_as={"none-by-default": "none"}))],
