@@ -454,8 +454,10 @@ def describe_fields(cls: type = ExperimentConfig, prefix: str = "") -> list[tupl
         if is_dataclass_type(tp):
             rows.extend(describe_fields(tp, f"{prefix}{f.name}."))
             continue
-        default = field_default(f)
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else field_default(f)
         if isinstance(default, tuple):
             default = list(default)
-        rows.append((f"{prefix}{f.name}", json.dumps(default), f.metadata.get("help", "")))
+        shown = "required" if required else json.dumps(default)
+        rows.append((f"{prefix}{f.name}", shown, f.metadata.get("help", "")))
     return rows

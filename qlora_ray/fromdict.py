@@ -185,6 +185,15 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
             problems.append(problem(path, value, f"must be {type_name(tp)}", "fix its type"))
             continue
         kwargs[key] = coerced
+    required = [f for f in fields.values()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    for f in required:
+        if f.name not in data:
+            what = f.metadata.get("help", "")
+            problems.append(problem(f"{prefix}{f.name}", None, "is required",
+                                    f"add it: {what.rstrip('.')}" if what else "add it"))
+    if any(f.name not in kwargs for f in required):
+        return None  # missing, or its wrong value is already recorded
     if any(v is None and is_dataclass_type(hints[k]) for k, v in kwargs.items()):
         return None  # a nested section already failed; its problems are recorded
     # Check values without raising yet, so every section's problems are collected together.
@@ -192,10 +201,6 @@ def _build(cls: type, data: Any, prefix: str, problems: list[str]) -> Any:
         return cls(**kwargs)
     except ConfigError as e:
         problems.extend(e.problems)
-        return None
-    except TypeError as e:  # a required field is missing
-        problems.append(problem(section or "spec", sorted(kwargs), f"is incomplete ({e})",
-                                "add the missing key"))
         return None
 
 

@@ -38,7 +38,7 @@ from qlora_ray.config import (
     problem,
     set_dotted,
 )
-from qlora_ray.profiles import GpuProfile, get_profile, preset_overrides, speed_problems
+from qlora_ray.profiles import GpuProfile, get_profile, preset_overrides
 
 SPEC_KEYS = ("name", "base", "grid", "paired", "seeds", "exclude", "runs", "profiles", "description",
              "preset")
@@ -178,6 +178,7 @@ def expand(data: Any, *, max_cells: int = DEFAULT_MAX_CELLS) -> Spec:
                                 "name cells with `runs:` entries instead"))
 
     profiles = _profiles(data.get("profiles"), problems)
+    defined = set(data["profiles"]) if isinstance(data.get("profiles"), dict) else set()
     axes = _axes(data, problems)
     runs = _runs(data.get("runs"), problems)
     excludes = _excludes(data.get("exclude"), problems)
@@ -212,7 +213,7 @@ def expand(data: Any, *, max_cells: int = DEFAULT_MAX_CELLS) -> Spec:
             except ConfigError as e:
                 problems.extend(e.problems)
                 continue
-            if cfg.gpu is not None:
+            if cfg.gpu is not None and cfg.gpu not in defined:  # a bad entry says what is wrong itself
                 try:
                     get_profile(cfg.gpu, profiles)
                 except ConfigError as e:
@@ -316,7 +317,11 @@ def _excludes(rules: Any, problems: list[str]) -> list[dict[str, Any]]:
 
 
 def _profiles(raw: Any, problems: list[str]) -> dict[str, GpuProfile]:
-    """`profiles: {MyCard: {total_mib: 24576, bf16: true, ...}}` adds or overrides profiles."""
+    """`profiles: {MyCard: {total_mib: 24576, bf16: true, ...}}` adds or overrides profiles.
+
+    An entry for a built-in card changes only the keys it gives; a new card needs `total_mib`.
+    Each is built by `from_dict`, so it is checked like every other section.
+    """
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -325,35 +330,24 @@ def _profiles(raw: Any, problems: list[str]) -> dict[str, GpuProfile]:
         return {}
     out: dict[str, GpuProfile] = {}
     for name, fields in raw.items():
-        # The name becomes a Ray resource label, a cell name token and a plot label.
-        if not isinstance(name, str) or not SAFE_NAME.fullmatch(name):
+        if not isinstance(name, str):
             problems.append(problem("profiles", name, "has a profile name that is not a safe name",
                                     "use letters, digits and . _ + = - (e.g. RTX-4090)"))
             continue
-        label = fields.get("ray_accelerator_type") if isinstance(fields, dict) else None
-        if label is not None and (not isinstance(label, str) or not SAFE_NAME.fullmatch(label)):
-            problems.append(problem(f"profiles.{name}.ray_accelerator_type", label, "is not a safe name",
-                                    "use the label Ray gives the card, e.g. A10G"))
+        key = f"profiles.{name}"
+        if isinstance(fields, dict) and "name" in fields:
+            problems.append(problem(f"{key}.name", fields["name"], "is the entry's key already",
+                                    "remove it (rename the entry instead)"))
             continue
-        if not isinstance(fields, dict):
-            problems.append(problem(f"profiles.{name}", fields, "must be a mapping", "see docs/memory.md"))
-            continue
-        merged: dict[str, Any] = {"bf16": False, "flash_attention": False,
-                                  "ray_accelerator_type": str(name)}
         try:
-            base = get_profile(str(name), key=f"profiles.{name}")
-            # Every field but the name: memory, capabilities, speed and price.
-            merged.update({f.name: getattr(base, f.name) for f in dataclasses.fields(base)
-                           if f.name != "name"})
-        except ConfigError:
-            pass  # a new card: its fields must all be given
-        merged.update(fields)
+            base = dataclasses.asdict(get_profile(name, key=key))
+        except ConfigError:  # a new card: from_dict asks for what has no default (total_mib)
+            base = {"ray_accelerator_type": name}
+        merged = {**base, **fields, "name": name} if isinstance(fields, dict) else fields
         try:
-            out[str(name)] = GpuProfile(name=str(name), **merged)
-            problems.extend(speed_problems(out[str(name)], f"profiles.{name}"))
-        except TypeError as e:
-            problems.append(problem(f"profiles.{name}", fields, f"is not a valid profile ({e})",
-                                    "give total_mib, bf16, flash_attention, ray_accelerator_type"))
+            out[name] = from_dict(GpuProfile, merged, prefix=f"{key}.")
+        except ConfigError as e:
+            problems.extend(e.problems)
     return out
 
 

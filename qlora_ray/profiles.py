@@ -26,32 +26,65 @@ AWS does not rent have no price: set one under the spec's `profiles:` to get dol
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from qlora_ray.config import ConfigError, problem
+from qlora_ray.config import SAFE_NAME, ConfigError, _f, problem
+from qlora_ray.fromdict import Validated, at_most, positive
+
+# Far above any card (16 TiB); stops a size written in bytes or GiB instead of MiB.
+MAX_CARD_MIB = 16 * 1024 * 1024
+SPEED_FIELDS = ("peak_tflops", "peak_fp32_tflops", "memory_bandwidth_gbs", "usd_per_hour",
+                "op_overhead_us")
+_CAPABILITY = re.compile(r"\d{1,2}\.\d")
 
 
 @dataclass(frozen=True)
-class GpuProfile:
-    name: str
-    total_mib: int = field(metadata={"help": "Card memory as nvidia-smi reports it, in MiB."})
-    bf16: bool = field(metadata={"help": "Native bfloat16 (compute capability >= 8.0)."})
-    flash_attention: bool = field(metadata={"help": "FlashAttention-2 kernels (Ampere or newer)."})
-    ray_accelerator_type: str | None = field(
-        metadata={"help": "Ray resource label: the task asks for `accelerator_type:<this>`."}
-    )
-    compute_capability: str = "0.0"
-    peak_tflops: float | None = field(default=None, metadata={
-        "help": "Dense FP16/BF16 tensor-core peak, TFLOPS (datasheet, without sparsity)."})
-    peak_fp32_tflops: float | None = field(default=None, metadata={
-        "help": "Plain FP32 peak, TFLOPS (what fp32 matmuls get: PyTorch leaves TF32 off)."})
-    memory_bandwidth_gbs: float | None = field(default=None, metadata={
-        "help": "Memory bandwidth, GB/s (datasheet)."})
-    usd_per_hour: float | None = field(default=None, metadata={
-        "help": "Price of one GPU-hour in US dollars (default: AWS On-Demand list, see above)."})
-    op_overhead_us: float | None = field(default=None, metadata={
-        "help": "Host time per dispatched op, microseconds (default 10 on a GPU host)."})
+class GpuProfile(Validated):
+    """One card: memory, capabilities, Ray label, speed and price. A spec's `profiles:`
+    entries are these fields (docs/config.md), checked like every other section."""
+
+    name: str = _f(help="The profile's name: its key under `profiles:`, what `gpu:` names.")
+    total_mib: int = _f(help="Card memory as nvidia-smi reports it, in MiB (a new card must give it).")
+    bf16: bool = _f(False, "Native bfloat16 (compute capability >= 8.0).")
+    flash_attention: bool = _f(False, "FlashAttention-2 kernels (Ampere or newer).")
+    ray_accelerator_type: str | None = _f(
+        None, "Ray resource label: the task asks for `accelerator_type:<this>` (a new card: its name).")
+    compute_capability: str = _f("0.0", "CUDA compute capability, MAJOR.MINOR (e.g. 8.6).")
+    peak_tflops: float | None = _f(
+        None, "Dense FP16/BF16 tensor-core peak, TFLOPS (datasheet, without sparsity).")
+    peak_fp32_tflops: float | None = _f(
+        None, "Plain FP32 peak, TFLOPS (what fp32 matmuls get: PyTorch leaves TF32 off).")
+    memory_bandwidth_gbs: float | None = _f(None, "Memory bandwidth, GB/s (datasheet).")
+    usd_per_hour: float | None = _f(
+        None, "Price of one GPU-hour in US dollars (built-in cards: AWS On-Demand list price).")
+    op_overhead_us: float | None = _f(
+        None, "Host time per dispatched op, microseconds (default 10 on a GPU host).")
+
+    def problems(self) -> list[str]:
+        # The name becomes a Ray resource label, a cell name token and a plot label.
+        if not SAFE_NAME.fullmatch(self.name):
+            return [problem("profiles", self.name, "has a profile name that is not a safe name",
+                            "use letters, digits and . _ + = - (e.g. RTX-4090)")]
+        key = f"profiles.{self.name}"
+        out: list[str] = []
+        if self.is_gpu:
+            positive(out, f"{key}.total_mib", self.total_mib, "give the card's memory in MiB")
+        at_most(out, f"{key}.total_mib", self.total_mib, MAX_CARD_MIB,
+                "give the card's memory in MiB, as nvidia-smi reports it")
+        label = self.ray_accelerator_type
+        if label is not None and not SAFE_NAME.fullmatch(label):
+            out.append(problem(f"{key}.ray_accelerator_type", label, "is not a safe name",
+                               "use the label Ray gives the card, e.g. A10G"))
+        if not _CAPABILITY.fullmatch(self.compute_capability):
+            out.append(problem(f"{key}.compute_capability", self.compute_capability,
+                               "must be MAJOR.MINOR", "write e.g. 8.6 (nvidia-smi --query-gpu=compute_cap)"))
+        for name in SPEED_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                positive(out, f"{key}.{name}", value, "give the card's figure, or remove the key",
+                         allow_zero=name == "usd_per_hour")
+        return out
 
     @property
     def total_bytes(self) -> int:
@@ -110,23 +143,6 @@ ALIASES = {
     "A6000": "RTX-A6000", "H100-80G": "H100",
 }
 
-
-SPEED_FIELDS = ("peak_tflops", "peak_fp32_tflops", "memory_bandwidth_gbs", "usd_per_hour",
-                "op_overhead_us")
-
-
-def speed_problems(profile: GpuProfile, key: str) -> list[str]:
-    """The speed and price numbers must be positive numbers (a price may be 0) or null."""
-    out = []
-    for name in SPEED_FIELDS:
-        value = getattr(profile, name)
-        if value is None:
-            continue
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if not number or value < 0 or (value == 0 and name != "usd_per_hour"):
-            rule = "must be a number >= 0" if name == "usd_per_hour" else "must be a number > 0"
-            out.append(problem(f"{key}.{name}", value, rule, "give the card's figure, or remove the key"))
-    return out
 
 
 def get_profile(

@@ -115,6 +115,19 @@ CASES = [
     Case("profile-label-unsafe", spec(top="profiles:\n  MyCard: {total_mib: 1024, bf16: true, "
                                          "flash_attention: false, ray_accelerator_type: 'a b:c'}\n"),
          ["`profiles.MyCard.ray_accelerator_type` is not a safe name, got 'a b:c'"]),
+    # A `profiles:` entry is checked like any other section: unknown keys, types, bounds, format.
+    Case("profile-unknown-key", spec(top="profiles:\n  T4: {total_mb: 8000}\n"),
+         ["`profiles.T4.total_mb` is not a known key, got 8000; did you mean `profiles.T4.total_mib`?"]),
+    Case("profile-type", spec(top="profiles:\n  MyCard: {total_mib: lots}\n"),
+         ["`profiles.MyCard.total_mib` must be an integer, got 'lots'; fix its type"]),
+    Case("profile-memory-zero", spec(top="profiles:\n  MyCard: {total_mib: 0}\n"),
+         ["`profiles.MyCard.total_mib` must be > 0, got 0; give the card's memory in MiB"]),
+    Case("profile-memory-bound", spec(top="profiles:\n  MyCard: {total_mib: 24000000000}\n"),
+         ["`profiles.MyCard.total_mib` must be <= 16,777,216, got 24000000000"]),
+    Case("profile-capability", spec(top="profiles:\n  T4: {compute_capability: eight}\n"),
+         ["`profiles.T4.compute_capability` must be MAJOR.MINOR, got 'eight'; write e.g. 8.6"]),
+    Case("profile-new-card-without-memory", spec(top="profiles:\n  MyCard: {bf16: true}\n"),
+         ["`profiles.MyCard.total_mib` is required, got None; add it: Card memory as nvidia-smi reports it"]),
     # --- datasets: read once, before Ray, with file, line and field
     Case("dataset-missing", spec().replace("{data}", "{tmp}/nope.jsonl"),
          ["`dataset.path` is not a file, got '{tmp}/nope.jsonl'; check the path"]),
