@@ -242,6 +242,13 @@ class TrainConfig(Validated):
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(0.3, "Gradient clipping (QLoRA paper value).")
     max_seq_len: int = _f(256, "Tokens per example after truncation.")
+    group_by_length: bool = _f(
+        False,
+        "Length-grouped batching: draw each batch from rows of similar length (transformers' "
+        "`LengthGroupedSampler`), so batches carry less padding; the same examples and optimizer "
+        "steps as the default random batches. The row's `batching` says which ran.",
+        since="0.2.0",
+    )
     optim: str = _f(
         "paged_adamw_8bit", "adamw_torch, paged_adamw_8bit, paged_adamw_32bit or adamw_bnb_8bit."
     )
@@ -378,6 +385,11 @@ class ExperimentConfig(Validated):
         if not SAFE_NAME.fullmatch(self.name):
             out.append(problem("name", self.name, "must be a safe file name",
                                "use letters, digits and . _ + = - only"))
+        if self.train.group_by_length and self.dataset.packing:
+            # Packed sequences are all about max_seq_len long and carry no padding to save.
+            out.append(problem("train.group_by_length", True, "cannot be combined with dataset.packing "
+                               "(packed sequences have no padding to group away)",
+                               "set one of train.group_by_length and dataset.packing to false"))
         if (
             self.model.attn_implementation == "flash_attention_2"
             and self.quant.bits in (4, 8)
@@ -437,12 +449,21 @@ def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
         "gradient_checkpointing": cfg.train.gradient_checkpointing,
         "seed": cfg.train.seed,
         "packing": cfg.dataset.packing,
+        "batching": batching(cfg),
         "eval_max_new_tokens": cfg.eval.max_new_tokens,
         "embedder": cfg.eval.similarity.embedder,
         "embedder_revision": cfg.eval.similarity.revision,
         "emulate_profile": cfg.emulate_profile,
         "config_json": json.dumps(to_dict(cfg), sort_keys=True),
     }
+
+
+def batching(cfg: ExperimentConfig) -> str:
+    """How a cell's training batches are made: `padded` (random rows, each batch padded to its
+    longest; the default), `length_grouped` (train.group_by_length) or `packed` (dataset.packing)."""
+    if cfg.dataset.packing:
+        return "packed"
+    return "length_grouped" if cfg.train.group_by_length else "padded"
 
 
 def describe_fields(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:

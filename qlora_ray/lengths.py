@@ -11,8 +11,11 @@ into the lengths that decide memory:
 
 - training: the longest padded batch the run can draw. The collator pads a batch to its
   longest row and batches are drawn at random, so any batch may hold the longest row:
-  `train_seq` is the longest (truncated) row. With `dataset.packing` every batch is full:
-  `train_seq` is `max_seq_len`.
+  `train_seq` is the longest (truncated) row. Length-grouped batching (`train.group_by_length`)
+  does not change that: some batch still holds the longest row (transformers' sampler even
+  puts it first); it shortens the other batches, which the time estimate counts
+  (`throughput.grouped_batch_max`). With `dataset.packing` every batch is full: `train_seq`
+  is `max_seq_len`.
 - eval: generation left-pads `eval.batch_size` prompts to the longest and adds
   `eval.max_new_tokens` (`eval_prompt` is the longest prompt, cut as the worker cuts it to
   leave room for the new tokens); the eval loss runs on whole eval rows (`eval_seq`,
@@ -59,8 +62,8 @@ def worst_case(cfg: ExperimentConfig) -> BatchShape:
 def batch_shape(cfg: ExperimentConfig, lengths: DataLengths | None, batch_size: int) -> BatchShape:
     """The cell's batch lengths from its data's token counts (worst case without them).
 
-    `batch_size` does not change the longest batch (any batch may hold the longest row);
-    it is taken so a length-grouping sampler can be modelled here later.
+    `batch_size` does not change the longest batch (any batch may hold the longest row, and
+    under length-grouped batching one batch always does).
     """
     if lengths is None or not lengths.train:
         return worst_case(cfg)

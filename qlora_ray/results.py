@@ -76,6 +76,7 @@ RUN_COLUMNS: dict[str, pa.DataType] = {
     "gradient_checkpointing": pa.bool_(),
     "seed": pa.int32(),
     "packing": pa.bool_(),
+    "batching": pa.string(),  # padded, length_grouped or packed (config.batching)
     "eval_max_new_tokens": pa.int32(),
     "embedder": pa.string(),
     "embedder_revision": pa.string(),  # the fixed embedder's commit (as pinned, or as resolved)

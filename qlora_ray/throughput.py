@@ -299,5 +299,21 @@ def expected_batch_max(lengths: Sequence[int], batch_size: int) -> float:
                for k, v in enumerate(ordered, start=1))
 
 
+def grouped_batch_max(lengths: Sequence[int], batch_size: int) -> float:
+    """Mean padded length of a batch under length-grouped batching (`train.group_by_length`).
+
+    transformers' LengthGroupedSampler sorts random mega-batches of up to 50 batches by length
+    and cuts them into batches (trainer_pt_utils.get_length_grouped_indices), so a batch holds
+    neighbours in length order; this takes the whole set sorted as one mega-batch, which is
+    what it approaches when a mega-batch spans many batches. The longest batch is unchanged:
+    the memory planner keeps the longest row.
+    """
+    if not lengths:
+        return 0.0
+    ordered = sorted(lengths)
+    maxima = [ordered[min(i + batch_size, len(ordered)) - 1] for i in range(0, len(ordered), batch_size)]
+    return sum(maxima) / len(maxima)
+
+
 def ceil_div(a: int, b: int) -> int:
     return -(-a // b)

@@ -115,7 +115,7 @@ def predict(
         return None
     eff = factors.train_efficiency or default_efficiency(profile)
     ga = cfg.train.grad_accum
-    padded = lengths.batch_max("train", batch_size)
+    padded = lengths.batch_max("train", batch_size, grouped=cfg.train.group_by_length)
     mean = lengths.train_tokens / len(lengths.train)
     sh = shape(arch, cfg, profile)
     step = train_microbatch(arch, cfg, profile, batch_size=batch_size, seq_len=padded, sh=sh) * ga

@@ -31,7 +31,7 @@ from qlora_ray.data import (
     split_indices,
 )
 from qlora_ray.datacheck import is_local, read_rows
-from qlora_ray.throughput import expected_batch_max
+from qlora_ray.throughput import expected_batch_max, grouped_batch_max
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +58,22 @@ class DataLengths:
     references: tuple[int, ...]
     # True when no tokenizer was found and lengths are bytes / BYTES_PER_TOKEN.
     estimated: bool
-    _memo: dict[tuple[str, int], float] = field(default_factory=dict, compare=False, repr=False)
+    _memo: dict[tuple[str, int, bool], float] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def train_tokens(self) -> int:
         return sum(self.train)
 
-    def batch_max(self, which: str, batch_size: int) -> float:
-        """Expected padded length of a random batch of `which` (`train`, `eval_prompts`, ...).
+    def batch_max(self, which: str, batch_size: int, grouped: bool = False) -> float:
+        """Expected padded length of a random batch of `which` (`train`, `eval_prompts`, ...);
+        `grouped`: of a length-grouped one (`train.group_by_length`).
 
         Memoized: a grid asks the same few questions of the same data for every cell.
         """
-        key = (which, batch_size)
+        key = (which, batch_size, grouped)
         if key not in self._memo:
-            self._memo[key] = expected_batch_max(getattr(self, which), batch_size)
+            rule = grouped_batch_max if grouped else expected_batch_max
+            self._memo[key] = rule(getattr(self, which), batch_size)
         return self._memo[key]
 
 

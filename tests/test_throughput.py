@@ -280,3 +280,33 @@ def test_fit_groups_by_family_card_and_bits_and_keeps_cpu_apart() -> None:
     assert efficiency_keys("qwen2", "A100-40G", 4) == [
         "qwen2/A100-40G/4bit", "qwen2/A100-40G", "qwen2/*", "*/A100-40G", "*/*"]
     assert efficiency_keys("llama", None, 16) == ["llama/cpu/16bit", "llama/cpu", "*/cpu"]
+
+
+def test_length_grouped_batches_are_predicted_faster_in_the_same_memory(tmp_path: Path) -> None:
+    """Issue 11 item 4: grouping rows by length shortens the padded batches the time model
+    counts, but some batch still holds the longest row, so the memory plan is unchanged."""
+    rows = [{"instruction": "Classify.", "input": "word " * (400 if i % 10 == 0 else 3 + i % 7),
+             "output": "positive"} for i in range(120)]
+    data = tmp_path / "skewed.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plans = {}
+    for grouped in (False, True):
+        spec = tmp_path / f"s{grouped}.yaml"
+        spec.write_text(yaml.safe_dump({"name": "g", "base": {
+            "model": "meta-llama/Llama-3.1-8B-Instruct", "gpu": "A100-80G",
+            "dataset": {"path": str(data), "eval_size": 8},
+            "train": {"batch_size": 4, "max_seq_len": 512, "group_by_length": grouped}}}))
+        plans[grouped] = plan_spec(load_spec(str(spec)), model_configs=[CONFIGS])[0]
+    padded, grouped_plan = plans[False].to_json(), plans[True].to_json()
+    assert grouped_plan["predicted_peak_bytes"] == padded["predicted_peak_bytes"]
+    assert grouped_plan["predicted_steps"] == padded["predicted_steps"]
+    assert grouped_plan["predicted_train_tokens"] == padded["predicted_train_tokens"]
+    assert grouped_plan["predicted_seconds"] < 0.8 * padded["predicted_seconds"]
+
+
+def test_grouped_batch_max_is_the_mean_longest_of_sorted_batches() -> None:
+    from qlora_ray.throughput import grouped_batch_max
+
+    assert grouped_batch_max([5, 1, 100, 2, 90, 3], 2) == (2 + 5 + 100) / 3
+    assert grouped_batch_max([7, 1, 4], 2) == (4 + 7) / 2  # a short last batch
+    assert grouped_batch_max([], 4) == 0.0

@@ -148,6 +148,37 @@ def test_packed_and_unpacked_cells_report_steps_examples_and_the_same_tokens():
     assert plain["train_sequences"] == 12 and packed["train_sequences"] <= 6
     assert plain["train_steps"] == 6 and packed["train_steps"] == -(-packed["train_sequences"] // 2)
     assert packed["train_tokens"] == plain["train_tokens"]  # every real token, no padding
+    assert (plain["batching"], packed["batching"]) == ("padded", "packed")
+
+
+def test_length_grouped_batching_pads_less_over_the_same_rows_and_steps():
+    """Issue 11 item 4: `train.group_by_length` hands the Trainer transformers' length-grouped
+    sampler: the same rows in the same number of batches, far fewer pad tokens; the row says
+    which batching ran."""
+    from qlora_ray.data import make_collator, prepare_data
+    from qlora_ray.device import cpu_device
+    from qlora_ray.modeling import load
+    from qlora_ray.train import make_trainer
+
+    seen = {}
+    for grouped in (False, True):
+        cfg = fast(**{"train.group_by_length": grouped, "train.max_steps": None, "train.batch_size": 4,
+                      "dataset.max_train_samples": 96, "train.max_seq_len": 512})
+        loaded = load(cfg, cpu_device(), "float32")
+        data = prepare_data(cfg, loaded.tokenizer)
+        trainer = make_trainer(loaded.model, loaded.tokenizer, data.train, data.eval,
+                               make_collator(loaded.tokenizer), cfg, cpu_device(), "float32", 4, 1)
+        batches = list(trainer.get_train_dataloader())
+        seen[grouped] = (len(batches), sum(int(b["attention_mask"].sum()) for b in batches),
+                         sum(b["input_ids"].numel() for b in batches))
+    (n_random, real_random, padded_random), (n_grouped, real_grouped, padded_grouped) = seen[False], seen[True]
+    assert n_grouped == n_random == 24 and real_grouped == real_random
+    pad_random, pad_grouped = padded_random - real_random, padded_grouped - real_grouped
+    assert pad_grouped < pad_random / 2, (pad_grouped, pad_random)
+    row = run(fast(**{"train.group_by_length": True, "eval.before": False})).row
+    assert row["status"] == "ok", row["error"]
+    assert row["batching"] == "length_grouped" and row["train_steps"] == 2
+    assert run(fast(**{"eval.before": False, "train.max_steps": 1})).row["batching"] == "padded"
 
 
 # ------------------------------------------------------------------------------ failures
