@@ -98,6 +98,8 @@ BROKEN = [
                             "quant": {"compute_dtype": "float32"}}},
      ["`model.attn_implementation` needs quant.compute_dtype float16 or bfloat16"]),
     ({"name": "x", "base": {"dataset": {"eval_size": 1.5}}}, ["`dataset.eval_size` as a fraction must be in (0, 1)"]),
+    ({"name": "x", "base": {"dataset": {"packing": True}}, "grid": {"train.group_by_length": [False, True]}},
+     ["`train.group_by_length` cannot be combined with dataset.packing", "got True; set one of"]),
 ]
 
 
