@@ -1,35 +1,11 @@
-"""Memory harness: qlora-ray's own training and eval path on the CPU, in live tensor bytes.
+"""Memory harness: qlora-ray's own train and eval path on the CPU, in live tensor bytes.
 
-    m = measure(model_config, cfg, layers=2)        # one point, in this process
+    m = measure(model_config, cfg, layers=2)            # one point, in this process
     m = measure_isolated(model_config, cfg, layers=2)   # the same in a fresh interpreter
 
-What runs is the worker's code, nothing re-implemented: a model with `layers` decoder
-layers at the config's real width (random weights, saved to a temp folder, so no download)
--> `modeling.load` (bitsandbytes 4/8-bit on load, k-bit preparation, checkpointing, PEFT)
--> `train.make_trainer` and `trainer.train()` for a few optimizer steps on rows that fill
-`train.max_seq_len` (the worst batch the run can draw), under the Trainer's own bf16
-autocast as on a GPU -> the eval path (`evaluate.evaluate`: generation, embedding, eval
-loss) on prompts of `eval_prompt_tokens`. `benchmarks/memory_harness.py` sweeps it and compares the
-estimator (`qlora_ray.memory`) with it; docs/memory.md has the results.
-
-How bytes are counted. A `TorchDispatchMode` sees the outputs of every aten op (forward,
-backward, checkpoint recomputation, optimizer, bitsandbytes' ops, which are torch.library
-ops); each storage it has not seen is added to a running total, and a weakref finalizer on
-the storage subtracts it when the storage is freed. Tensors alive before the mode starts
-(weights, quantization constants) are found with the garbage collector and registered the
-same way. The result is the exact sum of live tensor storages at every point, which on a
-GPU is `torch.cuda.memory_allocated()` minus the allocator's rounding. We prefer this to
-torch.profiler's memory events (the CPU allocator's running total), because that total also
-contains scratch buffers private to CPU kernels (oneDNN reorders, per-thread attention
-blocks) that a GPU run does not have, and misses nothing a GPU run does have except what
-`CPU_VS_GPU` lists. The events are kept, so the composition of each peak (which op made
-which live tensor) can be printed: that is how the estimator's terms were found.
-
-Two phases are measured: the training steps (peak over the steps; from the second step on
-the optimizer state exists, so this is the steady-state peak) and the eval pass (peak over
-generation, similarity embedding and the eval loss, with whatever training left alive).
-fp16 cells are run with bf16 autocast: the CPU has no fp16 autocast in accelerate, and the
-two have the same widths (the CUDA GradScaler's few scalars aside).
+A random-weight model at the config's real width (no download) goes through the worker's
+own code (`modeling.load`, `train.make_trainer`, `evaluate.evaluate`) while `LiveBytes`
+counts. docs/memory.md ("Measuring without a GPU") explains what it shows and what not.
 """
 
 from __future__ import annotations
@@ -41,13 +17,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import weakref
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from qlora_ray.config import ExperimentConfig, from_dict, to_dict
+from qlora_ray.live_bytes import LiveBytes
 
 # What a CPU run cannot show, and where the estimator accounts for it (docs/memory.md).
 CPU_VS_GPU = {
@@ -94,134 +69,6 @@ class Measurement:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-
-# ---------------------------------------------------------------------------------------
-# counting
-
-
-def _storage(t: Any) -> Any:
-    try:
-        return t.untyped_storage()
-    except (RuntimeError, NotImplementedError):  # sparse, meta, functional wrappers
-        return None
-
-
-class LiveBytes:
-    """Live tensor bytes, counted per storage, with an event log to explain the peak.
-
-    Use `with counter.mode():` around the code to watch. `mark()` starts a new phase: its
-    peak is measured from the bytes live at that moment.
-    """
-
-    def __init__(self) -> None:
-        self.live: dict[int, tuple[int, int]] = {}  # storage key -> (bytes, tag index)
-        self.current = 0
-        self.peak = 0
-        self.tags: list[str] = []
-        self._tag_ids: dict[str, int] = {}
-        self.events: list[tuple[int, int, int]] = []  # (storage key, +bytes / -bytes, tag)
-        self._peak_event = 0
-        self.ops: set[str] = set()
-        # Named stretches of a phase (`region`), each with its own peak and its event index.
-        self.region: str | None = None
-        self.region_peaks: dict[str, tuple[int, int]] = {}
-
-    def _tag(self, text: str) -> int:
-        if text not in self._tag_ids:
-            self._tag_ids[text] = len(self.tags)
-            self.tags.append(text)
-        return self._tag_ids[text]
-
-    def add(self, t: Any, tag: str) -> None:
-        st = _storage(t)
-        if st is None or t.device.type == "meta":
-            return
-        key = st._cdata
-        if key in self.live:
-            return
-        n = st.nbytes()
-        tid = self._tag(tag)
-        self.live[key] = (n, tid)
-        self.current += n
-        self.events.append((key, n, tid))
-        if self.current > self.peak:
-            self.peak = self.current
-            self._peak_event = len(self.events)
-        if self.region is not None and self.current > self.region_peaks.get(self.region, (0, 0))[0]:
-            self.region_peaks[self.region] = (self.current, len(self.events))
-        weakref.finalize(st, self._free, key)
-
-    def set_region(self, name: str | None) -> None:
-        """From now on, peaks also count toward region `name`."""
-        self.region = name
-        if name is not None and self.current > self.region_peaks.get(name, (0, 0))[0]:
-            self.region_peaks[name] = (self.current, len(self.events))
-
-    def _free(self, key: int) -> None:
-        entry = self.live.pop(key, None)
-        if entry is not None:
-            self.current -= entry[0]
-            self.events.append((key, -entry[0], entry[1]))
-
-    def register_alive(self, tag: str = "static") -> int:
-        """Count every tensor the garbage collector can reach; returns their bytes."""
-        import warnings
-
-        import torch
-
-        gc.collect()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # isinstance() on deprecated module attributes warns
-            for obj in gc.get_objects():
-                try:
-                    if isinstance(obj, torch.Tensor):
-                        self.add(obj, f"{tag} {obj.dtype}")
-                except (ReferenceError, RuntimeError):
-                    continue
-        return self.current
-
-    def mark(self) -> None:
-        """Start a phase: its peak counts from what is live now."""
-        gc.collect()
-        self.peak = self.current
-        self._peak_event = len(self.events)
-
-    def composition_at_peak(self, top: int = 40, region: str | None = None) -> list[tuple[str, int]]:
-        """Bytes live at the current phase's peak (or a region's), by tag, largest first."""
-        end = self._peak_event if region is None else self.region_peaks.get(region, (0, 0))[1]
-        live: dict[int, tuple[int, int]] = {}
-        for key, n, tid in self.events[:end]:
-            if n > 0:
-                live[key] = (n, tid)
-            else:
-                live.pop(key, None)
-        by_tag: Counter[str] = Counter()
-        for n, tid in live.values():
-            by_tag[self.tags[tid]] += n
-        return by_tag.most_common(top)
-
-    def mode(self) -> Any:
-        import torch
-        from torch.utils._python_dispatch import TorchDispatchMode
-        from torch.utils._pytree import tree_flatten
-
-        counter = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-                out = func(*args, **(kwargs or {}))
-                name = func.overloadpacket.__name__
-                if "attention" in name or "gemm" in name or "dequantize" in name:
-                    counter.ops.add(name)
-                backward = torch._C._current_graph_task_id() != -1
-                for t in tree_flatten(out)[0]:
-                    if isinstance(t, torch.Tensor):
-                        counter.add(t, f"{'bwd' if backward else 'fwd'} {name} {str(t.dtype)[6:]} "
-                                                   f"{list(t.shape)}")
-                return out
-
-        return _Mode()
 
 
 # ---------------------------------------------------------------------------------------

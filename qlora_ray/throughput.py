@@ -31,8 +31,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from qlora_ray.architecture import Architecture, adapted_modules
 from qlora_ray.config import ExperimentConfig
-from qlora_ray.memory import DEFAULT_RECIPE, DTYPE_BYTES, Architecture, Recipe, adapted_modules
+from qlora_ray.memory_terms import DEFAULT_RECIPE, DTYPE_BYTES, Recipe
 from qlora_ray.profiles import GpuProfile, resolve_compute_dtype
 
 # The efficiency factor before any calibration: the geometric mean of the published GPU
@@ -246,7 +247,7 @@ def train_microbatch(
 
 def optimizer_step(arch: Architecture, cfg: ExperimentConfig) -> Work:
     """Clip, update and zero the adapters once (per optimizer step, not per micro-batch)."""
-    from qlora_ray.memory import OPTIMIZER_STATE_BYTES
+    from qlora_ray.memory_terms import OPTIMIZER_STATE_BYTES
 
     modules, _ = adapted_modules(arch, cfg.lora.target_modules)
     sh_params = arch.layers * sum(cfg.lora.r * (i + o) * n for m, (i, o, n) in arch.linears.items()

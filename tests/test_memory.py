@@ -15,14 +15,8 @@ from typing import Any
 import pytest
 
 from qlora_ray.config import ConfigError, ExperimentConfig, from_dict, set_dotted
-from qlora_ray.memory import (
-    Recipe,
-    Shape,
-    _Model,
-    architecture,
-    estimate,
-    largest_batch,
-)
+from qlora_ray.memory import Recipe, Shape, architecture, estimate, largest_batch
+from qlora_ray.memory_terms import ModelTerms
 from qlora_ray.profiles import get_profile
 from qlora_ray.units import GIB
 
@@ -222,7 +216,7 @@ def test_the_eval_loss_makes_logits_for_the_answers_only() -> None:
     with the answer (+ its end token + the position before it), not with the row."""
     cfg = cell(**{"train.max_seq_len": 256, "quant.compute_dtype": "float16"})
     arch = architecture(model_config(LLAMA31_8B))
-    m = _Model(arch, cfg, get_profile("T4"), Recipe())
+    m = ModelTerms(arch, cfg, get_profile("T4"), Recipe())
     shape = Shape(train_seq=256, eval_prompt=248, eval_seq=256, reference=8)
     short, long = (m.eval_moments(16, dataclasses.replace(shape, reference=n))["eval_loss"] for n in (8, 64))
     assert long["logits"] == 16 * 66 * arch.vocab * (2 + 8)  # 16-bit, fp32 copy, log-softmax

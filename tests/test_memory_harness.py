@@ -7,7 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from qlora_ray.config import ExperimentConfig, from_dict, set_dotted  # noqa: E402
-from qlora_ray.memory_harness import LiveBytes, measure_isolated  # noqa: E402
+from qlora_ray.live_bytes import LiveBytes  # noqa: E402
+from qlora_ray.memory_harness import measure_isolated  # noqa: E402
 
 MiB = 2**20
 
