@@ -5,7 +5,7 @@
 
 Runs `qlora-ray run` (a fresh driver process, the embedded Ray, `--num-cpus 4`; it starts
 Ray, so on the shared machine it runs under the Ray lock) on grids of N no-op cells: with the test
-hook QLORA_RAY_TEST_NOOP_CELLS=1 (scheduler.NOOP_CELLS_ENV) each cell returns an `ok` row
+hook QLORA_RAY_TEST_NOOP_CELLS=1 (tasks.NOOP_CELLS_ENV) each cell returns an `ok` row
 and four samples at once, so what is measured is the driver:
 planning, submitting, collecting, writing every row and its samples to Parquet, progress.
 The cells are the built-in tiny Llama on the shipped data, one per `seeds` value.

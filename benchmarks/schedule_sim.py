@@ -10,8 +10,8 @@ GPU for its predicted whole-cell time (`predicted_gpu_seconds`: setup, load, tra
 times a log-normal error (sigma `--noise`, one draw per cell and repeat: predictions are
 not exact, and the driver orders by its prediction, not by the truth).
 
-The driver's own code decides what is submitted when: `scheduler.Cell` objects, ordered
-and released by `dispatch.Dispatcher` exactly as `scheduler._run_cells` does. Only Ray is
+The driver's own code decides what is submitted when: `driver.Cell` objects, ordered
+and released by `dispatch.Dispatcher` exactly as `driver.run_cells` does. Only Ray is
 replaced, by a discrete-event clock that starts the submitted tasks of one GPU type in
 submission order whenever a card of that type is free (what Ray does: the owner keeps one
 queue per scheduling class and leases workers for it front first,
@@ -61,9 +61,9 @@ def grid_spec(gpus: list[str]) -> dict[str, Any]:
 
 def planned_cells(n: int, gpus: list[str]) -> list[Any]:
     """`n` runnable cells of the grid as the driver holds them (spec order, every GPU type kept)."""
+    from qlora_ray.driver import Cell
     from qlora_ray.grid import load_spec
     from qlora_ray.planner import TIME_KEYS, plan_spec
-    from qlora_ray.scheduler import Cell
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "sim.yaml"
@@ -113,7 +113,7 @@ class ClockRay:
 
 def simulate(cells: list[Any], cards: dict[str, int], truth: dict[str, float],
              max_parallel: int | None, order: bool = True) -> float:
-    """The driver's submit / wait loop (scheduler._run_cells) against ClockRay; the makespan."""
+    """The driver's submit / wait loop (driver.run_cells) against ClockRay; the makespan."""
     ray = ClockRay(cards, truth)
     # Spec order as the reference: every cell the same prediction, so the stable sort keeps it.
     pending = (Dispatcher(cells, max_parallel=max_parallel) if order

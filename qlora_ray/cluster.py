@@ -1,4 +1,4 @@
-"""What a Ray cluster offers and whether it can grow; used by `run` (scheduler.py) and `doctor`.
+"""What a Ray cluster offers and whether it can grow; used by `run` (driver.py) and `doctor`.
 
 Read from Ray's own reports, never from a cluster config file:
 
@@ -147,7 +147,7 @@ def autoscaler_view(gcs_address: str) -> AutoscalerView:
 
 
 class NodeWaits:
-    """How long `run` lets a cell wait for a node that no live node is (scheduler.py).
+    """How long `run` lets a cell wait for a node that no live node is (driver.py).
 
     `timeout` None is the default: 0 where no node can be added (the embedded Ray, a fixed
     cluster), `default` where an autoscaler can add one. A cell's clock restarts whenever

@@ -1,6 +1,6 @@
 """Which cell the `run` driver submits next: the order and the `--max-parallel` gate.
 
-Pure (no Ray, no clock), so the driver (`scheduler._run_cells`) and the scheduling
+Pure (no Ray, no clock), so the driver (`driver.run_cells`) and the scheduling
 simulation (`benchmarks/schedule_sim.py`, which replaces Ray with a discrete-event clock)
 run the same code.
 

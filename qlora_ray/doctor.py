@@ -192,7 +192,7 @@ def connect(address: str | None) -> tuple[dict[str, str | None] | None, str]:
     """Join the cluster `run` would use; returns (what the embedded Ray changed or None, where)."""
     import ray
 
-    from qlora_ray.scheduler import start_embedded
+    from qlora_ray.connect import start_embedded
 
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -206,7 +206,7 @@ def connect(address: str | None) -> tuple[dict[str, str | None] | None, str]:
 def disconnect(embedded: dict[str, str | None] | None) -> None:
     import ray
 
-    from qlora_ray.scheduler import stop_embedded
+    from qlora_ray.connect import stop_embedded
 
     if embedded is None:
         ray.shutdown()
@@ -342,13 +342,13 @@ def spec_checks(spec: Any, model_configs: list[str], nodes: list[dict[str, Any]]
 def _gpu_type_check(gpu: str, profile: Any, spec: Any, nodes: list[dict[str, Any]], view: Any,
                     emulate: bool = False) -> Check:
     from qlora_ray.cluster import describe_request
-    from qlora_ray.scheduler import _feasible, _requirement
+    from qlora_ray.tasks import feasible, requirement
 
-    request = _requirement(profile, 1, emulate)
+    request = requirement(profile, 1, emulate)
     cells = sum(1 for c in spec.cells if c.gpu == gpu and c.emulate_profile == emulate)
     if emulate:
         gpu += f" (emulate_profile: any GPU; the worker refuses one smaller than {gpu})"
-    offering = [n for n in nodes if _feasible(request, [n])]
+    offering = [n for n in nodes if feasible(request, [n])]
     if offering:
         return Check("ok", "gpu type", f"{gpu}: {len(offering)} node(s) offer {describe_request(request)}")
     if view.can_add_nodes:

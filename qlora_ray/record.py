@@ -215,3 +215,14 @@ class Record:
             cols[column] = peaks.bytes + extra
         return cols
 
+
+def driver_row(
+    cfg: ExperimentConfig, experiment_id: str, spec_name: str, status: str, error: str,
+    attempt: int, predicted_peak_bytes: int | None, predicted: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A row for a cell whose task never produced one (skipped, unschedulable, crashed)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    row = make_row(cfg, experiment_id, spec_name, attempt, predicted_peak_bytes, status=status,
+                   error=error, started_at=now, finished_at=now)
+    row.update(predicted or {})  # the planner's columns (predicted_peak_bytes among them)
+    return row

@@ -5,7 +5,7 @@ Every case is run through both verbs as a user would (`qlora-ray plan SPEC` and
 
 - exit non-zero with a message naming the key (or `file:line`), the value (`got ...`)
   and the fix (after `; `), with the case's expected fragments;
-- start nothing: the driver's only way into Ray (`scheduler._run_cells`, which builds the
+- start nothing: the driver's only way into Ray (`scheduler.run_cells`, which builds the
   builtin model, then connects) is replaced by a guard that fails the test if reached;
 - write nothing and lose nothing: a results folder that already holds a finished row is
   byte-for-byte the same afterwards, with no new file in it.
@@ -214,7 +214,7 @@ def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     def started(*args: object, **kwargs: object) -> None:
         raise AssertionError("work started: the driver reached Ray for a spec that should be refused")
 
-    monkeypatch.setattr(scheduler, "_run_cells", started)
+    monkeypatch.setattr(scheduler, "run_cells", started)
 
 
 def test_there_are_at_least_30_cases() -> None:

@@ -24,7 +24,7 @@ import yaml
 
 from qlora_ray.grid import load_spec
 from qlora_ray.profiles import BUILTIN_PROFILES, get_profile
-from qlora_ray.scheduler import _requirement
+from qlora_ray.tasks import requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "ray_cluster.yaml"
@@ -98,7 +98,7 @@ def test_the_autoscaler_starts_the_matching_node_for_a_queued_experiment(
         get_nodes_for,
     )
 
-    demand = _requirement(BUILTIN_PROFILES[card], cpus_per_task=1)
+    demand = requirement(BUILTIN_PROFILES[card], cpus_per_task=1)
     to_add, unfulfilled = get_nodes_for(
         prepared["available_node_types"], existing_nodes={"head": 1}, head_node_type="head",
         max_to_add=5, resources=[demand],
@@ -112,7 +112,7 @@ def test_every_cell_of_the_shipped_gpu_grid_has_a_node_type(config: dict[str, An
     spec = load_spec(ROOT / "experiments" / "gpu_profiles.yaml")
     offered = [t["resources"] for t in config["available_node_types"].values()]
     for cell in spec.cells:
-        demand = _requirement(get_profile(cell.gpu, spec.profiles), cpus_per_task=1,
+        demand = requirement(get_profile(cell.gpu, spec.profiles), cpus_per_task=1,
                               emulate=cell.emulate_profile)
         assert any(all(res.get(k, 0) >= v for k, v in demand.items()) for res in offered), (cell.name, demand)
 

@@ -18,7 +18,7 @@ from qlora_ray.grid import load_spec
 from qlora_ray.planner import plan_spec
 from qlora_ray.profiles import get_profile
 from qlora_ray.results import make_row
-from qlora_ray.scheduler import _requirement
+from qlora_ray.tasks import requirement
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
@@ -54,7 +54,7 @@ def test_the_check_grid_plans_on_the_card_it_targets(tmp_path, card, dtypes):
     assert [p.name for p in plans if p.gpu == "cpu"] == ["cpu-beside"]
     # what `run` asks Ray for: this card's type for the GPU cells, any GPU for the emulated one
     label = info_of(card)["ray_accelerator_type"]
-    asks = {c.name: _requirement(get_profile(c.gpu, spec.profiles), 1, c.emulate_profile) for c in spec.cells}
+    asks = {c.name: requirement(get_profile(c.gpu, spec.profiles), 1, c.emulate_profile) for c in spec.cells}
     assert all(asks[p.name] == {"GPU": 1, "CPU": 1, f"accelerator_type:{label}": 0.001} for p in gpu)
     assert asks["emulated-oom"] == {"GPU": 1, "CPU": 1}
 

@@ -447,7 +447,7 @@ def test_the_prediction_error_uses_the_measured_training_window(tmp_path: Path,
 
 def test_run_summary_shows_accuracy_beside_the_majority_baseline() -> None:
     """The table `qlora-ray run` ends with: accuracy next to always answering the top label."""
-    from qlora_ray.scheduler import print_summary
+    from qlora_ray.progress import print_summary
 
     out = StringIO()
     print_summary([row("a", accuracy=0.8, accuracy_majority=0.35), row("b", accuracy=None, accuracy_majority=None)],
@@ -460,7 +460,7 @@ def test_run_summary_shows_accuracy_beside_the_majority_baseline() -> None:
 def test_the_run_summary_from_the_rows_the_driver_keeps_shows_the_majority_baseline() -> None:
     """The driver keeps only SUMMARY_KEYS of each row; the table it prints from them is the
     table of the full rows (the majority column was '-' in every run when it was not kept)."""
-    from qlora_ray.scheduler import SUMMARY_KEYS, print_summary
+    from qlora_ray.progress import SUMMARY_KEYS, print_summary
 
     full = [row("a", accuracy=0.8, accuracy_majority=0.35, similarity_score_before=0.8)]
     kept = [{k: r.get(k) for k in SUMMARY_KEYS} for r in full]

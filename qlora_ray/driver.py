@@ -1,0 +1,235 @@
+"""The `run` driver's loop: submit cells to Ray, wait, write each row as its task returns.
+
+* An OOM back-off that cannot run in the failed process (bitsandbytes' paged optimizer
+  state is never freed) comes back as a retry: the same cell, in a fresh process.
+* A cell whose resources no live node offers waits while the autoscaler is launching a node
+  that would fit it, and becomes an `unschedulable` row after `--unschedulable-timeout`
+  seconds with none coming (at once on a cluster that cannot grow; cluster.py).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from qlora_ray.config import ExperimentConfig
+from qlora_ray.connect import connect, stop_embedded
+from qlora_ray.dispatch import Dispatcher
+from qlora_ray.grid import Spec
+from qlora_ray.progress import SUMMARY_KEYS, Progress
+from qlora_ray.record import driver_row
+from qlora_ray.resume import RowWriter
+from qlora_ray.tasks import accelerator_type, feasible, remote_functions, requirement, task_payload
+
+DEFAULT_UNSCHEDULABLE_TIMEOUT = 600.0
+# How often the driver looks at the nodes and the autoscaler's report (which its monitor
+# refreshes every 5 s, AUTOSCALER_UPDATE_INTERVAL_S).
+NODE_CHECK_INTERVAL_S = 2.0
+PROGRESS_INTERVAL_S = 1.0
+
+
+@dataclass
+class Cell:
+    """One experiment on its way through the driver."""
+
+    config: ExperimentConfig
+    experiment_id: str
+    batch_size: int
+    predicted_peak_bytes: int | None
+    profile: Any
+    attempt: int = 1
+    backoff_steps: int = 0  # OOM back-off steps a retry in a fresh process starts from
+    submitted_at: float | None = None
+    waiting_since: float | None = None  # since when no live or coming node could run it
+    ref: Any = None
+    resources: dict[str, float] = field(default_factory=dict)
+    predicted: dict[str, Any] = field(default_factory=dict)
+    """The planner's memory, time and cost columns, copied into the row."""
+
+    @property
+    def predicted_seconds(self) -> float:
+        return self.predicted.get("predicted_seconds") or 0.0
+
+
+def run_cells(
+    spec: Spec,
+    todo: list[Cell],
+    writer: RowWriter,
+    *,
+    results: str,
+    address: str | None,
+    max_parallel: int | None,
+    allow_cpu_fallback: bool,
+    unschedulable_timeout: float | None,
+    cpus_per_task: int,
+    max_retries: int,
+    num_cpus: int | None,
+    cwd: str,
+    out: Any,
+) -> tuple[dict[str, dict[str, Any]], bool]:
+    """Submit, wait, write; returns the rows written and whether the run was interrupted."""
+    import ray
+
+    _prebuild_builtin_models(todo)
+    embedded = connect(address, num_cpus)
+    from qlora_ray.cluster import NodeWaits
+
+    waits = NodeWaits(unschedulable_timeout, DEFAULT_UNSCHEDULABLE_TIMEOUT, embedded=embedded is not None)
+    gpu_task, cpu_task, tracker_cls = remote_functions(max_retries)
+    tracker = tracker_cls.remote()
+    rows: dict[str, dict[str, Any]] = {}
+    pending = Dispatcher(todo, max_parallel=max_parallel)
+    running: dict[Any, Cell] = {}
+    progress = Progress(len(todo), out)
+    interrupted = False
+    previous_sigterm = signal.signal(signal.SIGTERM, _raise_interrupt)  # `ray job stop`
+    try:
+        while len(pending) or running:
+            for cell in pending.release(len(running)):
+                cell.resources = requirement(cell.profile, cpus_per_task, cell.config.emulate_profile)
+                task = gpu_task if "GPU" in cell.resources else cpu_task
+                options: dict[str, Any] = {"num_cpus": cpus_per_task,
+                                           "name": f"qlora-ray:{cell.config.name}"}
+                accelerator = accelerator_type(cell.profile, cell.config.emulate_profile)
+                if accelerator:
+                    options["accelerator_type"] = accelerator
+                cell.ref = task.options(**options).remote(
+                    task_payload(cell, spec, results, allow_cpu_fallback, cpus_per_task, cwd), tracker)
+                cell.submitted_at = cell.waiting_since = time.monotonic()
+                running[cell.ref] = cell
+
+            done, rest = ray.wait(list(running), num_returns=1, timeout=1.0)
+            if done and rest:
+                # Whatever else has finished, in the same call: a wait over every running
+                # cell per finished cell is quadratic over a 10,000-cell grid.
+                done += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
+            for ref in done:
+                cell = running.pop(ref)
+                row, samples, retry_steps = _collect(ref, cell, spec)
+                if retry_steps is not None:
+                    # An OOM back-off that must not reuse the failed process (the worker says
+                    # why in the row's error): the same cell again, in a fresh one.
+                    print(f"  {cell.config.name}: {row['error'][:200]}", file=out, flush=True)
+                    cell.backoff_steps = retry_steps
+                    pending.requeue(cell)
+                    continue
+                row.update(cell.predicted)
+                writer.write(row, samples)
+                # The summary's columns only: the full rows are on disk, and a driver that kept
+                # them all would grow with the grid.
+                rows[cell.experiment_id] = {k: row.get(k) for k in SUMMARY_KEYS}
+                progress.finished(row)
+            writer.retry()
+
+            _expire_unschedulable(running, rows, spec, writer, waits, progress)
+            if time.monotonic() >= progress.next_show:
+                # At most once a second: the tracker's answer and the counts grow with the grid.
+                progress.next_show = time.monotonic() + PROGRESS_INTERVAL_S
+                started = _safe_get(tracker.snapshot.remote()) or {}
+                progress.show(running=sum(1 for c in running.values() if c.experiment_id in started),
+                              queued=len(pending) + sum(1 for c in running.values()
+                                                        if c.experiment_id not in started))
+    except KeyboardInterrupt:
+        interrupted = True
+        for ref in running:
+            ray.cancel(ref, force=True)
+        print(f"\ninterrupted: cancelled {len(running)} running experiment(s); "
+              f"{len(rows)} row(s) written this run stay valid", file=out)
+    finally:
+        signal.signal(signal.SIGTERM, previous_sigterm)
+        if embedded is not None:
+            stop_embedded(embedded)
+    return rows, interrupted
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _safe_get(ref: Any) -> Any:
+    import ray
+
+    try:
+        return ray.get(ref, timeout=5)
+    except Exception:
+        return None
+
+
+
+def _collect(ref: Any, cell: Cell, spec: Spec) -> tuple[dict[str, Any], list[dict[str, Any]], int | None]:
+    """The task's row, samples and back-off retry, or a row describing how the task died."""
+    import ray
+    from ray import exceptions as rex
+
+    try:
+        output = ray.get(ref)
+        return output.row, output.samples, output.retry_backoff_steps
+    except rex.TaskCancelledError:
+        status, error = "failed", "cancelled"
+    except rex.OutOfMemoryError as e:  # Ray's memory monitor killed the worker
+        status, error = "oom", f"killed by Ray's memory monitor: {_first_line(e)}"
+    except (rex.WorkerCrashedError, rex.NodeDiedError, rex.RayTaskError, rex.RayError) as e:
+        status, error = "failed", f"{type(e).__name__}: {_first_line(e)}"
+    return driver_row(cell.config, cell.experiment_id, spec.name, status, error, cell.attempt,
+                       cell.predicted_peak_bytes, cell.predicted), [], None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:2000] if text else type(exc).__name__
+
+
+def _expire_unschedulable(
+    running: dict[Any, Cell],
+    rows: dict[str, dict[str, Any]],
+    spec: Spec,
+    writer: RowWriter,
+    waits: Any,
+    progress: Progress,
+) -> None:
+    import ray
+
+    from qlora_ray.cluster import unschedulable_reason
+
+    now = time.monotonic()
+    if now < waits.next_check or not running:
+        return
+    waits.next_check = now + NODE_CHECK_INTERVAL_S
+    nodes = ray.nodes()
+    stuck = []
+    for cell in running.values():
+        if feasible(cell.resources, nodes):
+            # Only queued behind others; if its node goes away later, its wait starts then.
+            cell.waiting_since = now
+        else:
+            stuck.append(cell)
+    if not stuck:
+        return
+    view = waits.view()
+    limit = waits.limit(view)
+    for cell in stuck:
+        if view.coming_for(cell.resources):
+            cell.waiting_since = now  # the clock starts once nothing is coming for it
+            continue
+        if now - (cell.waiting_since or now) < limit or ray.wait([cell.ref], timeout=0)[0]:
+            continue  # still within its wait, or it finished (its row is collected next round)
+        ray.cancel(cell.ref, force=True)
+        running.pop(cell.ref)
+        error = unschedulable_reason(view, cell.resources, cell.config.gpu, limit)
+        row = driver_row(cell.config, cell.experiment_id, spec.name, "unschedulable", error,
+                          cell.attempt, cell.predicted_peak_bytes, cell.predicted)
+        writer.write(row)
+        rows[cell.experiment_id] = row
+        progress.finished(row)
+
+
+def _prebuild_builtin_models(cells: list[Cell]) -> None:
+    """Build the local tiny model once here rather than in N workers racing for one lock."""
+    names = {c.config.model.name for c in cells if c.config.model.name.startswith("builtin:")}
+    if names:
+        from qlora_ray.builtin import ensure_builtin
+
+        for name in sorted(names):
+            ensure_builtin(name)
