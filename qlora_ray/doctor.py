@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qlora_ray.config import ConfigError
+from qlora_ray.table import line
 from qlora_ray.units import GIB
 
 Status = Literal["ok", "warn", "fail"]
@@ -43,7 +44,7 @@ class Check:
     fix: str = ""
 
     def line(self) -> str:
-        text = f"{self.status:<4}  {self.name:<13} {self.detail}"
+        text = line((self.status, self.name, self.detail), (4, 12, 0))
         return text + (f" -> fix: {self.fix}" if self.fix and self.status != "ok" else "")
 
 

@@ -33,6 +33,7 @@ from qlora_ray.profiles import (
     get_profile,
     resolve_compute_dtype,
 )
+from qlora_ray.table import table
 from qlora_ray.timing import Factors, TimePrediction, predict
 from qlora_ray.units import GIB, hms
 from qlora_ray.workload import DataLengths, data_lengths
@@ -490,7 +491,7 @@ def main(args: argparse.Namespace) -> int:
 def render_table(plans: list[CellPlan]) -> str:
     header = ("name", "gpu", "bs", "dtype", "train GiB", "eval GiB", "range GiB", "GPU GiB", "headroom",
               "fits", "train", "GPU h", "$", "problems")
-    rows = [header]
+    rows = []
     for p in plans:
         gpu_gib = p.profile.usable_bytes / GIB if p.profile and p.profile.is_gpu else None
         est, t = p.estimate, p.time
@@ -507,10 +508,7 @@ def render_table(plans: list[CellPlan]) -> str:
             _small(t.usd) if t and t.usd is not None else "-",
             str(len(p.problems)) if p.problems else "",
         ))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) if i in (0, 1, 3, 9) else c.rjust(w)
-                       for i, (c, w) in enumerate(zip(r, widths, strict=True))) for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines = table(header, rows, right=(2, 4, 5, 6, 7, 8, 10, 11, 12, 13))
     lines.append(total_line(plans))
     detail = [f"  {p.name}: {msg}" for p in plans for msg in p.problems]
     sources = sorted({p.shape.source for p in plans if p.shape})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from qlora_ray.table import table
 from qlora_ray.units import GIB, hms
 
 # What the end-of-run summary and the exit code read of each row the driver keeps.
@@ -67,12 +68,7 @@ def print_summary(rows: list[dict[str, Any]], out: Any) -> None:
             (f"{before:.3f} -> " if before is not None else "") + (f"{sim:.3f}" if sim is not None else "-"),
             f"{acc:.2f}" if acc is not None else "-", f"{majority:.2f}" if majority is not None else "-",
         ))
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines, strict=False)]
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    print("\n" + fmt.format(*header), file=out)
-    print(fmt.format(*("-" * w for w in widths)), file=out)
-    for line in lines:
-        print(fmt.format(*line), file=out)
+    print("\n" + "\n".join(table(header, lines)), file=out)
     for r in rows:
         if r["status"] != "ok" and r.get("error"):
             print(f"  {r['name']}: {r['status']}: {r['error'][:300]}", file=out)
