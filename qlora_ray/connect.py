@@ -10,11 +10,12 @@ import os
 import secrets
 
 
-def connect(address: str | None, num_cpus: int | None) -> dict[str, str | None] | None:
+def connect(address: str | None, *, num_cpus: int | None = None,
+            log_to_driver: bool = True) -> dict[str, str | None] | None:
     """Join a cluster (--address, $RAY_ADDRESS, or the job's own) or start an embedded one.
 
     Returns None when joining a cluster, else what `_private_token` changed in the
-    environment (to restore after shutdown): the cluster is embedded and cannot grow.
+    environment (for `disconnect`): the cluster is embedded and cannot grow.
     """
     import ray
 
@@ -23,9 +24,19 @@ def connect(address: str | None, num_cpus: int | None) -> dict[str, str | None] 
     os.environ.setdefault("RAY_task_oom_retries", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=True)
+        ray.init(address=address, log_to_driver=log_to_driver)
         return None
-    return start_embedded(num_cpus=num_cpus)
+    return start_embedded(num_cpus=num_cpus, log_to_driver=log_to_driver)
+
+
+def disconnect(embedded: dict[str, str | None] | None) -> None:
+    """Leave the cluster `connect` joined, or stop the embedded one it started."""
+    import ray
+
+    if embedded is None:
+        ray.shutdown()
+    else:
+        stop_embedded(embedded)
 
 
 def start_embedded(*, num_cpus: int | None = None, log_to_driver: bool = True) -> dict[str, str | None]:

@@ -73,7 +73,7 @@ def run_cells(
     import ray
 
     _prebuild_builtin_models(todo)
-    embedded = connect(address, num_cpus)
+    embedded = connect(address, num_cpus=num_cpus)
     from qlora_ray.cluster import NodeWaits
 
     waits = NodeWaits(unschedulable_timeout, DEFAULT_UNSCHEDULABLE_TIMEOUT, embedded=embedded is not None)
