@@ -157,12 +157,6 @@ def paged_optimizer_bytes() -> int:
     return sum(int(t.nbytes) for t in F.GlobalPageManager.get_instance().paged_tensors)
 
 
-def load_adapter_for_inference(base_path: str, adapter_dir: str, device_map: Any = "cpu") -> PeftModel:
-    """Reload a saved adapter onto its (unquantized) base model, as a user would."""
-    base = AutoModelForCausalLM.from_pretrained(base_path, device_map=device_map)
-    return PeftModel.from_pretrained(base, adapter_dir)
-
-
 def nf4_matmul_error(device: str = "cpu") -> tuple[float, float]:
     """Run one tiny NF4 layer on `device` (what `qlora-ray doctor` checks bitsandbytes with).
 
