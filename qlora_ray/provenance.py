@@ -26,6 +26,7 @@ IMAGE_ENV = "QLORA_RAY_IMAGE"
 GIT_COMMIT_ENV = "QLORA_RAY_GIT_COMMIT"
 
 
+@functools.cache  # a process sees one installed version; reading it costs ~1 ms
 def _version(dist: str) -> str | None:
     try:
         return metadata.version(dist)

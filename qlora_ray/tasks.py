@@ -14,8 +14,8 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from qlora_ray.config import ExperimentConfig, flatten, to_dict
-from qlora_ray.results import empty_row
+from qlora_ray.config import ExperimentConfig, to_dict
+from qlora_ray.results import make_row
 
 if TYPE_CHECKING:
     from qlora_ray.driver import Cell
@@ -71,11 +71,8 @@ def _noop_output(cfg: ExperimentConfig, payload: dict[str, Any]) -> Any:
     from qlora_ray.worker import RunOutput
 
     now = dt.datetime.now(dt.timezone.utc)
-    row = empty_row()
-    row.update(flatten(cfg))
-    row.update(experiment_id=payload["experiment_id"], spec_name=payload["spec_name"], status="ok",
-               attempt=payload["attempt"], predicted_peak_bytes=payload["predicted_peak_bytes"],
-               started_at=now, finished_at=now)
+    row = make_row(cfg, payload["experiment_id"], payload["spec_name"], payload["attempt"],
+                   payload["predicted_peak_bytes"], status="ok", started_at=now, finished_at=now)
     samples = [{"experiment_id": payload["experiment_id"], "name": cfg.name, "phase": "after", "index": i,
                 "prompt": "p", "reference": "r", "generated": "g"} for i in range(4)]
     return RunOutput(row, samples)
