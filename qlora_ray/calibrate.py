@@ -174,8 +174,8 @@ def fit(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def _family(r: dict[str, Any]) -> str:
     """The row's architecture family, from its model's config.json when plan can find it."""
+    from qlora_ray.config_json import load_model_config
     from qlora_ray.memory import architecture
-    from qlora_ray.planner import load_model_config
 
     try:
         return architecture(load_model_config(str(r.get("model")), r.get("model_revision"))).family
@@ -229,7 +229,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import os
 
-    from qlora_ray.planner import MODEL_CONFIGS_ENV
+    from qlora_ray.config_json import MODEL_CONFIGS_ENV
     from qlora_ray.results import load
 
     if args.model_configs:

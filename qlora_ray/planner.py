@@ -1,8 +1,8 @@
-"""`qlora-ray plan SPEC`: every cell's predicted peak memory and whether it can run, before
-any GPU is used. Also the library the `run` driver plans with (`plan_spec`, `backoff`).
+"""`qlora-ray plan SPEC`: every cell's predicted peak memory, time and cost, and whether it
+can run, before any GPU is used; also what the `run` driver plans with (`plan_spec`, `backoff`).
 
-Planning reads only each model's `config.json` (see `load_model_config`); the module top
-imports neither torch nor Ray nor pandas, so planning 1,000 cells takes about a second.
+Reads only each model's `config.json` (config_json.py) and imports neither torch nor Ray.
+The table it prints is plan_table.py's.
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from qlora_ray.calibrate import Correction, Corrections
-from qlora_ray.config import BUILTIN_PREFIX, ConfigError, ExperimentConfig, problem
+from qlora_ray.config import ExperimentConfig, problem
+from qlora_ray.config_json import MODEL_CONFIGS_ENV, load_model_config
 from qlora_ray.grid import DEFAULT_MAX_CELLS, Spec, load_spec
 from qlora_ray.lengths import batch_shape
 from qlora_ray.memory import Architecture, Estimate, Shape, architecture, estimate, largest_batch
 from qlora_ray.modelcheck import model_problems
+from qlora_ray.plan_table import render_table, total_line
 from qlora_ray.profiles import (
     IMAGE_MIN_CAPABILITY,
     GpuProfile,
@@ -33,12 +35,10 @@ from qlora_ray.profiles import (
     get_profile,
     resolve_compute_dtype,
 )
-from qlora_ray.table import table
 from qlora_ray.timing import Factors, TimePrediction, predict
-from qlora_ray.units import GIB, hms
+from qlora_ray.units import GIB
 from qlora_ray.workload import DataLengths, data_lengths
 
-MODEL_CONFIGS_ENV = "QLORA_RAY_MODEL_CONFIGS"
 # `batch_size: auto` leaves this share of the card free: the caching allocator fragments,
 # and the estimate is an estimate.
 AUTO_BATCH_MARGIN = 0.10
@@ -140,71 +140,6 @@ class CellPlan:
             "notes": list(self.notes),
             **(self.time.to_json() if self.time is not None else dict.fromkeys(TIME_KEYS)),
         }
-
-
-# ---------------------------------------------------------------------------------------
-# config.json lookup
-
-
-def load_model_config(
-    name: str, revision: str | None = None, search: Sequence[str | Path] = ()
-) -> dict[str, Any]:
-    """A model's `config.json` as a dict; never its weights.
-
-    Looked up in order: `builtin:` models (built in memory); a local folder holding
-    `config.json` (nothing else is needed) or a `.json` file; `DIR/<hub id>/config.json` for
-    each DIR in `search` and in $QLORA_RAY_MODEL_CONFIGS (os.pathsep-separated); the hub,
-    through huggingface_hub (its cache first, so a model used before plans offline).
-    """
-    if name.startswith(BUILTIN_PREFIX):
-        from qlora_ray.builtin import builtin_model_config
-
-        return dict(builtin_model_config(name))
-
-    local = Path(name).expanduser()
-    if local.is_dir():
-        if (local / "config.json").is_file():
-            return _read_json(local / "config.json", name)
-        raise ConfigError([problem("model.name", name, "is a folder without config.json",
-                                   "point it at a model folder (config.json is all `plan` needs)")])
-    if local.is_file():
-        return _read_json(local, name)
-
-    folders = [*search, *filter(None, os.environ.get(MODEL_CONFIGS_ENV, "").split(os.pathsep))]
-    for folder in folders:
-        for candidate in (Path(folder) / name / "config.json",
-                          Path(folder) / name.replace("/", "--") / "config.json"):
-            if candidate.is_file():
-                return _read_json(candidate, name)
-
-    try:
-        from huggingface_hub import hf_hub_download
-
-        path = hf_hub_download(name, "config.json", revision=revision)
-    except Exception as e:  # offline, gated, missing: all mean the same to the user
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0].split(". ")[0][:160]
-        # Gated repos (meta-llama/...) answer 401/403 without a token, even for config.json.
-        token = "set" if os.environ.get("HF_TOKEN") else "not set here"
-        raise ConfigError([problem(
-            "model.name", name, f"has no readable config.json ({type(e).__name__}: {first})",
-            f"a gated model needs its licence accepted on the hub and HF_TOKEN (now {token}); "
-            "planning needs only that file: put it in a folder and set model.name to the folder, "
-            f"or save it as DIR/{name}/config.json and pass --model-configs DIR "
-            f"(or set {MODEL_CONFIGS_ENV}=DIR)",
-        )]) from e
-    return _read_json(Path(path), name)
-
-
-def _read_json(path: Path, name: str) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise ConfigError([problem("model.name", name, f"has an unreadable {path} ({e})",
-                                   "give a valid config.json")]) from e
-    if not isinstance(data, dict):
-        raise ConfigError([problem("model.name", name, f"has a {path} that is not an object",
-                                   "give a model's config.json")])
-    return data
 
 
 # ---------------------------------------------------------------------------------------
@@ -486,68 +421,3 @@ def main(args: argparse.Namespace) -> int:
         print("`qlora-ray run --force` runs them anyway (an out-of-memory run ends as an `oom` row)",
               file=out)
     return 1 if blocked else 0
-
-
-def render_table(plans: list[CellPlan]) -> str:
-    header = ("name", "gpu", "bs", "dtype", "train GiB", "eval GiB", "range GiB", "GPU GiB", "headroom",
-              "fits", "train", "GPU h", "$", "problems")
-    rows = []
-    for p in plans:
-        gpu_gib = p.profile.usable_bytes / GIB if p.profile and p.profile.is_gpu else None
-        est, t = p.estimate, p.time
-        rows.append((
-            p.name, p.gpu or "-", str(p.batch_size), p.compute_dtype,
-            f"{est.train_bytes / GIB:.2f}" if est else "-",
-            f"{est.eval_bytes / GIB:.2f}" if est else "-",
-            f"{est.peak_range[0] / GIB:.1f}-{est.peak_range[1] / GIB:.1f}" if est else "-",
-            f"{gpu_gib:.1f}" if gpu_gib is not None else "-",
-            f"{p.headroom:+.0%}" if p.headroom is not None else "-",
-            "NO" if not p.fits else "tight" if p.tight else "yes",
-            hms(t.train_seconds) if t else "-",
-            _small(t.gpu_seconds / 3600) if t else "-",
-            _small(t.usd) if t and t.usd is not None else "-",
-            str(len(p.problems)) if p.problems else "",
-        ))
-    lines = table(header, rows, right=(2, 4, 5, 6, 7, 8, 10, 11, 12, 13))
-    lines.append(total_line(plans))
-    detail = [f"  {p.name}: {msg}" for p in plans for msg in p.problems]
-    sources = sorted({p.shape.source for p in plans if p.shape})
-    if detail:
-        lines += ["", "problems (these cells cannot run as specified):", *detail]
-    notes = _grouped((p.name, msg) for p in plans for msg in p.notes)
-    if notes:
-        lines += ["", "notes:", *notes]
-    if sources:
-        lines += ["", "memory sized for token lengths from: " + "; ".join(sources)]
-    return "\n".join(lines)
-
-
-def total_line(plans: list[CellPlan]) -> str:
-    """The grid's predicted GPU-hours and dollars (cells without a price or time are named)."""
-    timed = [p.time for p in plans if p.time is not None]
-    hours = sum(t.gpu_seconds for t in timed) / 3600
-    priced = [t.usd for t in timed if t.usd is not None]
-    text = f"total: {hours:.2f} GPU-hours"
-    text += f" (training {sum(t.train_seconds for t in timed) / 3600:.2f})"
-    if priced:
-        text += f", ${sum(priced):,.2f}"
-    unpriced = sum(1 for p in plans if p.time is not None and p.time.usd is None
-                   and p.profile is not None and p.profile.is_gpu)
-    if unpriced:
-        text += f"; {unpriced} cell(s) have no price (set usd_per_hour under `profiles:`)"
-    if len(timed) < len(plans):
-        text += f"; {len(plans) - len(timed)} cell(s) have no time prediction (see notes)"
-    return text
-
-
-def _grouped(pairs: Any) -> list[str]:
-    """One line per distinct note; a note many cells share names the first and counts the rest."""
-    by_message: dict[str, list[str]] = {}
-    for name, message in pairs:
-        by_message.setdefault(message, []).append(name)
-    return [f"  {names[0]}: {msg}" if len(names) == 1 else f"  {names[0]} and {len(names) - 1} more: {msg}"
-            for msg, names in by_message.items()]
-
-
-def _small(x: float) -> str:
-    return "<0.01" if 0 < x < 0.005 else f"{x:,.2f}"
