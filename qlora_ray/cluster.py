@@ -1,21 +1,7 @@
 """What a Ray cluster offers and whether it can grow; used by `run` (driver.py) and `doctor`.
 
-Read from Ray's own reports, never from a cluster config file:
-
-* **autoscaler v1** (the cluster launcher's, and KubeRay's default): the monitor process
-  writes its summary as JSON to the GCS key-value store under `__autoscaling_status` on
-  every update (`ray/autoscaler/_private/monitor.py`); `ray status` prints the same report.
-  It says which node types are being launched or set up (`pending_launches`,
-  `pending_nodes`), the resources those nodes will bring (`pending_resources`), and which
-  types' last launch failed and why (`node_availability_summary`).
-* **autoscaler v2**: the GCS's `GetClusterStatus` reply (`ray/autoscaler/v2/sdk.py`):
-  pending and failed instance requests, and the requests no node type can ever satisfy.
-
-A head started without `--autoscaling-config` (`ray start --head` by hand, or the embedded
-`ray.init()` of `qlora-ray run`) runs the monitor read-only: its report names every node
-as a type of its own, `node_<node id>` (`format_readonly_node_type` in
-`ray/autoscaler/_private/util.py`), and it never launches anything. Such a cluster is
-fixed: a cell no node can run will never run.
+Read from Ray's own reports (the autoscaler's status), never from a cluster config file;
+docs/cluster.md ("How `run` uses Ray") says which report and what it means.
 """
 
 from __future__ import annotations

@@ -1,15 +1,7 @@
-"""Which cell the `run` driver submits next: the order and the `--max-parallel` gate.
+"""Which cell the `run` driver submits next: longest predicted first, under `--max-parallel`.
 
-Pure (no Ray, no clock), so the driver (`driver.run_cells`) and the scheduling
-simulation (`benchmarks/schedule_sim.py`, which replaces Ray with a discrete-event clock)
-run the same code.
-
-Order: the longest predicted cell first. Ray starts the tasks of one resource shape
-(one GPU type) in the order they were submitted, so submitting longest-first is the
-classic LPT rule per GPU type: the long cells start at once and the short ones fill in
-around them, instead of the grid ending on one long cell started last. The sort is
-stable, so equal predictions keep the spec's order, and cells without a prediction go
-last (they are usually CPU cells or models the time model does not know).
+Pure (no Ray, no clock), so the driver and benchmarks/schedule_sim.py run the same code;
+docs/time.md ("In the run and the report") says why longest first.
 """
 
 from __future__ import annotations

@@ -1,10 +1,7 @@
 """The `run` driver's loop: submit cells to Ray, wait, write each row as its task returns.
 
-* An OOM back-off that cannot run in the failed process (bitsandbytes' paged optimizer
-  state is never freed) comes back as a retry: the same cell, in a fresh process.
-* A cell whose resources no live node offers waits while the autoscaler is launching a node
-  that would fit it, and becomes an `unschedulable` row after `--unschedulable-timeout`
-  seconds with none coming (at once on a cluster that cannot grow; cluster.py).
+It also requeues an OOM back-off that needs a fresh process, and turns a cell no node can
+run into an `unschedulable` row (docs/cluster.md, "How `run` uses Ray").
 """
 
 from __future__ import annotations

@@ -1,34 +1,8 @@
 """Evaluation: greedy generation, similarity score, label accuracy / weighted F1, eval loss.
 
-The scoring math (first half of this file) is pure Python + NumPy and tested on its own;
-the model-facing half generates, embeds and computes the loss.
-
-similarity_score (the seed projects' published definition): for each eval row, embed the
-generated answer and the (stripped) reference answer by mean-pooling the embedder's last
-hidden state over non-padding tokens, take 1 - cosine similarity, and average over the
-rows. Lower is better; 0 means identical embeddings. With `embedder: self` the embedder
-is the evaluated model with its adapter disabled, i.e. the base model as loaded (same
-quantization), so the before and after scores of a cell use one ruler; across cells of
-different quantizations the ruler differs slightly (on identical pairs the built-in
-model's mean score moves by about 0.01 between NF4 and fp32/bf16, 0.0004 between fp32
-and bf16, single pairs by up to 0.05: benchmarks/similarity_ruler.py), which a fixed
-embedder (a model path) removes. The embedding runs the decoder body only: no LM head, no
-per-layer hidden states.
-
-Every number is computed the same way before and after training: in eval mode, without
-gradients, through the base transformers model (not a forward the Trainer's accelerate
-wrapped with autocast during training), under one explicit autocast setting (the compute
-dtype on CUDA, as training used, none on the CPU).
-
-Memory at the eval's peak (what the planner models): besides the weights and adapters,
-(1) generation: a KV cache of eval.batch_size x (prompt + eval.max_new_tokens) tokens x
-layers x 2 x kv_heads x head_dim in the compute dtype, and logits for the last position
-only (batch x vocab, float32; transformers' generate passes `logits_to_keep=1`), after a
-prefill whose activations cover batch x prompt tokens for one layer at a time; (2) the
-eval loss: a no-grad forward over batch x (prompt + answer) tokens, one layer's
-activations at a time, then logits only for the answer span, batch x (longest answer + 1)
-x vocab in float32 (`logits_to_keep`), never batch x sequence x vocab; (3) the
-embedding: a no-grad decoder pass over batch x answer tokens, no logits at all.
+The scoring math (first half) is pure Python + NumPy; the model-facing half generates,
+embeds and computes the loss, the same way before and after training. README ("Similarity
+score") defines the score; docs/memory.md ("Eval") what the eval holds in memory.
 """
 
 from __future__ import annotations
@@ -350,7 +324,13 @@ def evaluate(
     phase: str,
     autocast_dtype: str | None = None,
 ) -> EvalResult:
-    """Generate, score and compute the eval loss on `data`'s held-out rows."""
+    """Generate, score and compute the eval loss on `data`'s held-out rows.
+
+    The same way before and after training: in eval mode, without gradients, through the
+    base transformers model (not the forward the Trainer's accelerate wrapped with autocast
+    while training), under one explicit autocast setting (`autocast_dtype`: the compute
+    dtype on CUDA, as training used; none on the CPU).
+    """
     import time
 
     start = time.perf_counter()

@@ -1,17 +1,6 @@
-"""Peak-memory probes and timers, one measurement window per phase.
+"""Peak-memory probes (CUDA allocator, NVML, CPU RSS) and timers, one window per phase.
 
-CUDA: the caching allocator's `max_memory_reserved` / `max_memory_allocated` over a window
-opened by `MemoryProbe.start()`, which first hands cached blocks back (`empty_cache`) and
-then resets the peaks: `reset_peak_memory_stats` sets each peak to the *current* value, so
-without the `empty_cache` the previous phase's cache would count as this phase's peak.
-Beside it, NVML's view (what `nvidia-smi` shows) sampled in a thread when nvidia-ml-py is
-installed. CPU: the process's peak resident set size, reset through
-`/proc/self/clear_refs` where the kernel allows it.
-
-What the allocator does not see is measured separately (`cuda_context_bytes`): the CUDA
-context, library handles and loaded kernels, and bitsandbytes' paged optimizer state
-(`cudaMallocManaged`, counted by `modeling.paged_optimizer_bytes`). docs/memory.md says
-how the row's columns add up.
+docs/memory.md ("What a row measures") says how a window opens and how the columns add up.
 """
 
 from __future__ import annotations

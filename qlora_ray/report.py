@@ -1,20 +1,8 @@
 """`qlora-ray report RESULTS/<spec name>`: the comparison table and the plots.
 
-    qlora-ray report results/rank-vs-gpu                      # markdown table on stdout
-    qlora-ray report results/rank-vs-gpu --where "gpu == 'T4'" --sort=-tokens_per_second
-    qlora-ray report results/rank-vs-gpu --format csv > grid.csv
-
-Next to the results (or in `--out`) it writes `report.md`, a self-contained `report.html`
-(the plots embedded as data URIs, so the file can be mailed or attached to an issue), and
-the plots as PNGs. Every cell of the grid is a row of the table, whatever its status: an
-`oom` or `unschedulable` cell shows its status and reason instead of numbers.
-
-The published QLoRA comparisons put the *card size ratio* in their "VRAM" column. Here the
-measured peak and its ratio to a baseline run are separate columns from the card size
-ratio, so that the two are never confused.
-
-pandas and matplotlib are imported inside the functions that need them: the CLI imports
-this module to build `--help`.
+Prints the table and writes report.md, a self-contained report.html and the PNG plots;
+every cell is a row whatever its status (README, "The report"). pandas and
+matplotlib are imported inside functions: the CLI imports this module for `--help`.
 """
 
 

@@ -1,15 +1,5 @@
-"""The report's time and money: predicted vs measured time, cost per run, cost per quality
-point, and quality against cost with its Pareto front (the frame, renderers and plots of
-the report call these).
-
-- Cost of a run: the cell's wall time on its GPU (`finished_at - started_at`, the time the
-  card was held) times the `usd_per_hour` the row was planned with.
-- A quality point is 0.01 of similarity score gained by training (`similarity_score_before
-  - similarity_score`, lower scores being better): cost per quality point is what one
-  such step of improvement cost. Runs that did not improve have none.
-- Without prices (CPU runs, cards with no `usd_per_hour`) the cost axis is the held time in
-  hours instead, and the table leaves the dollar columns out.
-"""
+"""The report's time and money: predicted vs measured time, cost per run and per quality
+point, quality against cost with its Pareto front (docs/time.md defines each)."""
 
 from __future__ import annotations
 

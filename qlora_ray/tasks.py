@@ -1,10 +1,7 @@
 """What runs on Ray: the experiment task, its payload, and the resources a cell asks for.
 
-GPU cells use a remote function *declared* with `num_gpus=1` and `max_calls=1`, so every
-experiment gets a fresh worker process with exactly one GPU in CUDA_VISIBLE_DEVICES (Ray
-reuses worker processes when GPUs are only given through `.options()`, and a CUDA context
-would stick to the wrong card). Cells without a `gpu` take CPU slots, with the node's GPUs
-hidden from them.
+One fresh worker process per experiment, GPU cells pinned to one card (docs/cluster.md,
+"How `run` uses Ray", says why it is declared the way it is).
 """
 
 from __future__ import annotations

@@ -2,11 +2,9 @@
 
     setup -> data -> load -> eval before -> train -> eval after (-> save)
 
-Each phase is a function returning what the next one needs; `Record` keeps what the run
-learned and which phase it is in, and becomes the row. It never raises for a
-per-experiment failure: an out-of-memory error becomes a row with status `oom`, anything
-else `failed`, each with the phase it happened in and the memory measured so far. Each
-measured phase (eval before, train, eval after) has its own memory window.
+Each phase returns what the next needs; `Record` (record.py) keeps what was learned and
+the phase it is in, and becomes the row. A failure never raises: it is a row, `oom` or
+`failed`, naming its phase.
 """
 
 from __future__ import annotations
