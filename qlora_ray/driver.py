@@ -42,8 +42,8 @@ class Cell:
     waiting_since: float | None = None  # since when no live or coming node could run it
     ref: Any = None
     resources: dict[str, float] = field(default_factory=dict)
+    # The planner's memory, time and cost columns, copied into the row.
     predicted: dict[str, Any] = field(default_factory=dict)
-    """The planner's memory, time and cost columns, copied into the row."""
 
     @property
     def predicted_seconds(self) -> float:

@@ -184,8 +184,8 @@ def run_spec(
     return 0 if not missing and all(r["status"] == "ok" for r in ordered) else 1
 
 
+# Seconds between the last tries to write rows that failed to write (a disk being freed).
 FLUSH_TRIES = (1.0, 2.0, 4.0, 8.0)
-"""Seconds between the last tries to write rows that failed to write (a disk being freed)."""
 
 
 def _flush(writer: RowWriter, out: Any) -> None:
