@@ -12,7 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from qlora_ray import table
 from qlora_ray.units import GIB
 
 Status = Literal["ok", "warn", "fail"]
@@ -27,7 +26,7 @@ class Check:
     fix: str = ""
 
     def line(self) -> str:
-        text = table.line((self.status, self.name, self.detail), (4, 12, 0))
+        text = f"{self.status:<4}  {self.name:<13} {self.detail}"
         return text + (f" -> fix: {self.fix}" if self.fix and self.status != "ok" else "")
 
 

@@ -1,4 +1,4 @@
-"""Fixed-width text tables: `plan`'s, the `run` summary, `doctor`'s check lines (pure)."""
+"""Fixed-width text tables: `plan`'s and the `run` summary (pure)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One table printer for `plan`, the `run` summary and `doctor`; the README's tables are its output."""
+"""One table printer for `plan` and the `run` summary; the README's tables are its output."""
 
 from __future__ import annotations
 
@@ -25,9 +25,8 @@ def test_columns_are_as_wide_as_their_widest_cell_and_aligned_as_asked() -> None
     assert lines == ["name        n", "---------  --", "a          10", "long-name   2"]
     # No trailing blanks (the README's tables are pasted output).
     assert table(("a", "b"), [("xx", "")]) == ["a   b", "--  -", "xx"]
-    # A streamed line (doctor's): fixed widths; a cell wider than its column pushes the rest.
-    assert line(("ok", "spec", "x"), (4, 12, 0)) == "ok    spec          x"
-    assert line(("fail", "node 10.0.0.12", "x"), (4, 12, 0)) == "fail  node 10.0.0.12  x"
+    # Fixed widths: a cell wider than its column pushes the rest.
+    assert line(("a", "bcd", "e"), (2, 2, 1), right=(2,)) == "a   bcd  e"
 
 
 def test_the_readme_run_summary_is_what_print_summary_prints() -> None:
