@@ -49,9 +49,8 @@ class LocalCluster:
             **os.environ,
             # A ~/.ray/auth_token left by someone's `ray get-auth-token --generate` switches the
             # head to token auth while `ray start --address` sends none; a private HOME keeps
-            # the test cluster plain. The built-in model cache stays shared.
+            # the test cluster plain. QLORA_RAY_CACHE (the run's, tests/conftest.py) stays.
             "HOME": str(home),
-            "QLORA_RAY_CACHE": os.environ.get("QLORA_RAY_CACHE", str(Path.home() / ".cache" / "qlora-ray")),
             "RAY_TMPDIR": str(ray_tmp),
             "TMPDIR": str(ray_tmp),
             # The job driver and workers find qlora-ray and python on PATH, as in the image.

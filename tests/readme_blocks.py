@@ -11,9 +11,8 @@ import re
 import socket
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 def bash_block(heading: str, text: str | None = None) -> str:

@@ -19,11 +19,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import DATA
 from ray_cluster import BIN, LocalCluster
 from test_cluster_status import v1_report
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 H100_NODE = {"CPU": 192.0, "GPU": 8.0, "accelerator_type:H100": 1.0}
 
 
@@ -59,7 +59,7 @@ def test_a_cell_waits_for_a_launching_node_then_gives_up_when_its_launch_fails(h
     spec = tmp_path / "h100.yaml"
     spec.write_text(yaml.safe_dump({
         "name": "h100", "base": {"model": "builtin:tiny-llama",
-                                 "dataset": {"path": str(ROOT / "experiments/data/fin_sentiment.jsonl")},
+                                 "dataset": {"path": str(DATA)},
                                  "train": {"max_steps": 1}},
         "grid": {"gpu": ["H100"]}}))
     results = tmp_path / "results"

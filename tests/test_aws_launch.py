@@ -33,12 +33,12 @@ from typing import Any
 import boto3
 import pytest
 import yaml
+from conftest import ROOT
 
 from qlora_ray import launcher
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the dev extra: pip install -e '.[dev]'")
 
-ROOT = Path(__file__).resolve().parents[1]
 REGION = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())["provider"]["region"]
 
 

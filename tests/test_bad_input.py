@@ -22,13 +22,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from qlora_ray import scheduler
 from qlora_ray.cli import main as cli_main
 from qlora_ray.config import MAX_NEW_TOKENS
 from qlora_ray.results import empty_row, write_run
 
-ROOT = Path(__file__).resolve().parents[1]
 SHIPPED_DATA = ROOT / "experiments" / "data" / "fin_sentiment.jsonl"
 GOOD_ROW = '{"instruction": "Sentiment?", "input": "Shares rise", "output": "positive"}\n'
 GOOD_ROWS = GOOD_ROW * 8

@@ -14,10 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from qlora_ray.dispatch import Dispatcher, submission_order
 
-ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"name", "value", "unit", "target", "met", "command", "measured_at", "cpus", "loadavg_start"}
 
 

@@ -14,13 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import DATA, ROOT
 
 from qlora_ray import builtin
 from qlora_ray.builtin import TINY_LLAMA, builtin_dir, builtin_model_config, ensure_builtin
 from qlora_ray.config import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "experiments" / "data" / "fin_sentiment.jsonl"
 
 
 @pytest.fixture(scope="module")

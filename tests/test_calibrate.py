@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import CONFIGS
 from results_factory import GIB, row, write_rows
 
 from qlora_ray.calibrate import MIN_SPREAD, load
@@ -13,9 +14,6 @@ from qlora_ray.cli import main as cli_main
 from qlora_ray.config import ConfigError
 from qlora_ray.grid import expand
 from qlora_ray.planner import plan_spec
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "tests" / "fixtures" / "configs"
 
 
 def gpu_row(name: str, predicted: float, measured: float | None, **values) -> dict:

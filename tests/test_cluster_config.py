@@ -21,12 +21,12 @@ import jsonschema
 import pytest
 import ray.autoscaler
 import yaml
+from conftest import ROOT
 
 from qlora_ray.grid import load_spec
 from qlora_ray.profiles import BUILTIN_PROFILES, get_profile
 from qlora_ray.tasks import requirement
 
-ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "ray_cluster.yaml"
 # The cards the issue asks for: one worker type each, A100 split by memory size.
 CARDS = {"T4", "L4", "A10G", "A100-40G", "A100-80G", "H100"}

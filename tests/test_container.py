@@ -35,7 +35,6 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -45,11 +44,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import BIN, ROOT
 
 pytestmark = [pytest.mark.slow, pytest.mark.container, pytest.mark.timeout(2400)]
 
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 TAG = "localhost/qlora-ray:ci-test"
 CACHE = Path(os.environ.get("QLORA_RAY_CI_CACHE", Path.home() / ".cache" / "qlora-ray-ci"))
 # A host user other than the image's own (1000): what `--user "$(id -u):$(id -g)"` passes.

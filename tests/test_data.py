@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import DATA, ROOT
 
 from qlora_ray.config import DEFAULT_PROMPT_TEMPLATE, ConfigError, ExperimentConfig, from_dict
 from qlora_ray.data import (
@@ -25,8 +26,6 @@ from qlora_ray.data import (
     truncate,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "experiments" / "data" / "fin_sentiment.jsonl"
 CORPUS = ROOT / "qlora_ray" / "assets" / "tiny_corpus.txt"
 
 

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import DATA, ROOT
 
 from qlora_ray import datacheck
 from qlora_ray.cli import main as cli_main
 from qlora_ray.config import ExperimentConfig, from_dict
 from qlora_ray.grid import expand
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "experiments" / "data" / "fin_sentiment.jsonl"
 ROWS = [json.loads(line) for line in DATA.read_text().splitlines()][:20]
 
 

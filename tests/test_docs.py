@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
+
+from conftest import ROOT
 
 from qlora_ray.docs_gen import config_reference
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_config_reference_is_current():

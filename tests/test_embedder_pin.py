@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 pytestmark = pytest.mark.slow  # fresh interpreters that load models: ~10 s each on 2 cores
-ROOT = Path(__file__).resolve().parents[1]
 OLD, NEW = "a" * 40, "b" * 40
 WIDTH = {OLD: 32, NEW: 48}  # so the embedding size says which commit was loaded
 

@@ -4,23 +4,21 @@ training, a fixed generation config, a token-weighted eval loss without full log
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from types import MethodType
 
 import numpy as np
 import pytest
+from conftest import DATA
 
 from qlora_ray import evaluate as ev
 from qlora_ray.config import ExperimentConfig, from_dict
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = str(ROOT / "experiments/data/fin_sentiment.jsonl")
 TEXTS = ["negative", "Polar Airlines shares plunge", "", "Harbor Financial profit falls"]
 
 
 def config(**overrides) -> ExperimentConfig:
     cfg = from_dict(ExperimentConfig, {
-        "dataset": {"path": DATA, "eval_size": 8},
+        "dataset": {"path": str(DATA), "eval_size": 8},
         "quant": {"compute_dtype": "float32"},
         "lora": {"dropout": 0.0},
         "eval": {"max_new_tokens": 6, "batch_size": 4},

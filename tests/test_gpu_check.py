@@ -5,11 +5,11 @@ rows a GPU did not make."""
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+from conftest import DATA, ROOT
 from fake_cuda import CARDS, FakeCuda, FakeNvml, MiB
 
 from qlora_ray.config import ExperimentConfig
@@ -20,7 +20,6 @@ from qlora_ray.profiles import get_profile
 from qlora_ray.results import make_row
 from qlora_ray.tasks import requirement
 
-ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "scripts" / "gpu_check.py")
 gpu_check = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(gpu_check)
@@ -38,7 +37,7 @@ def info_of(card: str, nvml: bool = True) -> dict:
 @pytest.mark.parametrize(("card", "dtypes"), [("T4", {"float16"}), ("L4", {"float16", "bfloat16"}),
                                               ("A100-80G", {"float16", "bfloat16"})])
 def test_the_check_grid_plans_on_the_card_it_targets(tmp_path, card, dtypes):
-    grid = gpu_check.spec(info_of(card), ROOT / "experiments/data/fin_sentiment.jsonl")
+    grid = gpu_check.spec(info_of(card), DATA)
     path = tmp_path / "gpu-check.yaml"
     path.write_text(yaml.safe_dump(grid, sort_keys=False))
     spec = load_spec(path)
@@ -68,7 +67,7 @@ def test_the_emulated_cell_gets_8_mib_of_allocator(nvml):
                           context_bytes=info["context_bytes"], nvml_total=nvml_total)
     assert 8 * MiB <= cap < 10 * MiB
     # and the grid's profile for it is that one
-    profile = gpu_check.spec(info, ROOT / "experiments/data/fin_sentiment.jsonl")["profiles"]["tiny-card"]
+    profile = gpu_check.spec(info, DATA)["profiles"]["tiny-card"]
     assert profile["total_mib"] == gpu_check.oom_profile(info).total_mib
 
 

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from qlora_ray.config import ConfigError, ExperimentConfig, from_dict
 from qlora_ray.grid import expand, load_spec
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_example_spec_expands_as_design_says():

@@ -20,12 +20,12 @@ from typing import Any
 import pandas as pd
 import pytest
 import yaml
+from conftest import ROOT
 
 from qlora_ray.config import ConfigError, ExperimentConfig, LoraConfig, _f, describe_fields, from_dict
 from qlora_ray.grid import expand, load_spec
 from qlora_ray.identity import FIRST_RELEASE, canonical, legacy_experiment_id
 
-ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden" / "experiment_ids.json"
 FIELDS_0_1_0 = ROOT / "tests" / "golden" / "fields-0.1.0.txt"
 LEGACY = ROOT / "tests" / "fixtures" / "results-0.1.0"

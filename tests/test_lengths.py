@@ -5,15 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from conftest import DATA
 
 from qlora_ray.config import ExperimentConfig, from_dict
 from qlora_ray.lengths import batch_shape, data_lengths, worst_case
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "experiments" / "data" / "fin_sentiment.jsonl"
 
 
 def config(**dotted) -> ExperimentConfig:

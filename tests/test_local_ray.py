@@ -28,11 +28,11 @@ import pandas as pd
 import psutil
 import pytest
 import yaml
+from conftest import DATA, ROOT
 from ray_cluster import BIN
 from readme_blocks import port_is_free
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 MARKER = "<!-- tests/test_local_ray.py runs this block as written"
 
 
@@ -97,14 +97,14 @@ def test_the_embedded_ray_is_private_and_the_readme_local_ray_steps_work_after_i
     ray_tmp = Path(tempfile.mkdtemp(prefix="qlr-"))
     request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp), TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0",
-               QLORA_RAY_CACHE=os.environ.get("QLORA_RAY_CACHE", str(Path.home() / ".cache" / "qlora-ray")))
+    # QLORA_RAY_CACHE (the tests' own, tests/conftest.py) comes along with os.environ.
+    env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp), TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0")
 
     # 1. A run on the embedded Ray, long enough to look at its Ray from outside.
     spec = tmp_path / "embedded.yaml"
     spec.write_text(yaml.safe_dump({"name": "embedded", "base": {
         "model": "builtin:tiny-llama",
-        "dataset": {"path": str(ROOT / "experiments/data/fin_sentiment.jsonl"), "eval_size": 8},
+        "dataset": {"path": str(DATA), "eval_size": 8},
         "quant": {"compute_dtype": "float32"},
         "train": {"max_steps": 40, "batch_size": 2, "optim": "adamw_torch", "gradient_checkpointing": False},
         "eval": {"max_new_tokens": 2, "before": False, "max_samples": 2}}}))

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import DATA, ROOT
 
 from qlora_ray.cli import main as cli_main
 from qlora_ray.config import ExperimentConfig, from_dict
 from qlora_ray.modelcheck import ATTENTION_SUPPORT, effective_attention
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "experiments" / "data" / "fin_sentiment.jsonl"
 EXAMPLE_FIRST_ID_0_1_0 = "f4bc0d02534c"  # experiments/example.yaml's first cell at ca2c96e
 
 

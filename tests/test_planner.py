@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import CONFIGS, ROOT
 
 from qlora_ray.cli import main as cli_main
 from qlora_ray.config import ConfigError, ExperimentConfig
@@ -24,8 +25,6 @@ from qlora_ray.planner import (
     plan_spec,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "tests" / "fixtures" / "configs"
 SHIPPED = sorted((ROOT / "experiments").glob("*.yaml"))
 LLAMA31 = "meta-llama/Llama-3.1-8B-Instruct"
 JSON_KEYS = {"experiment_id", "name", "gpu", "predicted_peak_bytes", "fits", "problems", "breakdown",

@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import ROOT
 from results_factory import GIB, SPEC, failed, grid_rows, row, write_rows
 
 from qlora_ray.results import (
@@ -155,7 +156,7 @@ def test_rows_written_by_an_older_version_load_with_new_columns_as_na(tmp_path: 
 # ---------------------------------------------------------------------------------------
 # docs/analysis.md: its snippets run as written, and DuckDB / Polars read the same files
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "analysis.md"
+DOC = ROOT / "docs" / "analysis.md"
 OTHER_ENGINES = ("import duckdb", "import polars")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from conftest import DATA
 from results_factory import failed, row
 
 from qlora_ray.config import ConfigError
@@ -23,10 +24,9 @@ from qlora_ray.results import ResultsWarning, load, redact, write_run, write_sam
 from qlora_ray.resume import RowWriter
 from qlora_ray.scheduler import run_spec
 
-ROOT = Path(__file__).resolve().parents[1]
 BASE = {
     "model": "builtin:tiny-llama",
-    "dataset": {"path": str(ROOT / "experiments/data/fin_sentiment.jsonl"), "eval_size": 8},
+    "dataset": {"path": str(DATA), "eval_size": 8},
     "train": {"max_steps": 2, "batch_size": 2},
 }
 

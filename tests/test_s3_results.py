@@ -22,13 +22,13 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.fs as pafs
 import pytest
+from conftest import ROOT
 from results_factory import SPEC, failed, grid_rows, row
 
 from qlora_ray import results
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the dev extra: pip install -e '.[dev]'")
 
-ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "qlora-ray-results"
 FIXTURE_CONFIGS = ROOT / "tests" / "fixtures" / "configs"
 

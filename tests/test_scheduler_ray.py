@@ -22,15 +22,15 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import DATA, ROOT
 from ray_cluster import BIN, LocalCluster
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
 
 # A cell that trains for two steps: enough to exercise every phase in a few seconds.
 FAST_BASE = {
     "model": "builtin:tiny-llama",
-    "dataset": {"path": str(ROOT / "experiments/data/fin_sentiment.jsonl"), "eval_size": 8},
+    "dataset": {"path": str(DATA), "eval_size": 8},
     "quant": {"compute_dtype": "float32"},
     "train": {"max_steps": 2, "batch_size": 2, "optim": "adamw_torch", "gradient_checkpointing": False},
     "eval": {"max_new_tokens": 2, "before": False, "max_samples": 4},

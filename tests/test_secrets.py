@@ -17,7 +17,6 @@ import secrets
 import shutil
 import string
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,10 +24,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import BIN, DATA
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 CANARY = "hf_" + "".join(secrets.choice(string.ascii_letters) for _ in range(34))
 
 
@@ -64,7 +62,6 @@ def test_a_canary_hf_token_appears_in_no_row_sample_log_report_or_message(tmp_pa
         "HOME": str(home),
         "RAY_TMPDIR": str(ray_tmp),
         "TMPDIR": str(ray_tmp),
-        "QLORA_RAY_CACHE": os.environ.get("QLORA_RAY_CACHE", str(Path.home() / ".cache" / "qlora-ray")),
         "PATH": f"{BIN}:{os.environ.get('PATH', '')}",
         "RAY_USAGE_STATS_ENABLED": "0",
     }
@@ -73,7 +70,7 @@ def test_a_canary_hf_token_appears_in_no_row_sample_log_report_or_message(tmp_pa
         "name": "canary",
         "base": {
             "model": "builtin:tiny-llama",
-            "dataset": {"path": str(ROOT / "experiments/data/fin_sentiment.jsonl"), "eval_size": 8},
+            "dataset": {"path": str(DATA), "eval_size": 8},
             "quant": {"bits": 4, "compute_dtype": "float32"},
             "lora": {"r": 4, "alpha": 8, "target_modules": "all-linear"},
             "train": {"max_steps": 2, "batch_size": 2, "optim": "adamw_torch",
@@ -85,7 +82,7 @@ def test_a_canary_hf_token_appears_in_no_row_sample_log_report_or_message(tmp_pa
     }))
     gated = tmp_path / "gated.yaml"
     gated.write_text(yaml.safe_dump({"name": "gated", "base": {
-        "model": "example-org/gated-model", "dataset": str(ROOT / "experiments/data/fin_sentiment.jsonl")}}))
+        "model": "example-org/gated-model", "dataset": str(DATA)}}))
     results = tmp_path / "results"
 
     def qlora_ray(*args: str) -> subprocess.CompletedProcess:

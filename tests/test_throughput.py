@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import CONFIGS, DATA, ROOT
 
 from qlora_ray.cli import main as cli_main
 from qlora_ray.config import ExperimentConfig, from_dict, set_dotted
@@ -33,10 +34,6 @@ from qlora_ray.throughput import (
 )
 from qlora_ray.timing import efficiency_keys, fit_efficiency, row_efficiency, train_steps
 from qlora_ray.workload import data_lengths
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "tests" / "fixtures" / "configs"
-DATA = ROOT / "experiments" / "data" / "fin_sentiment.jsonl"
 
 
 def _benchmark() -> Any:

@@ -7,19 +7,17 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import DATA, ROOT
 
 from qlora_ray.config import ExperimentConfig, from_dict
 from qlora_ray.results import RUN_COLUMNS, read_run_rows, write_run
-
-ROOT = Path(__file__).resolve().parents[1]
-DATA = str(ROOT / "experiments/data/fin_sentiment.jsonl")
 
 
 def fast(**overrides) -> ExperimentConfig:
     """A cell that runs every phase in seconds: two optimizer steps, four eval rows."""
     base = {
         "name": "fast",
-        "dataset": {"path": DATA, "eval_size": 8},
+        "dataset": {"path": str(DATA), "eval_size": 8},
         "quant": {"compute_dtype": "float32"},
         "train": {"max_steps": 2, "batch_size": 2, "optim": "adamw_torch", "logging_steps": 1,
                   "learning_rate": 2e-3},
