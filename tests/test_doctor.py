@@ -15,14 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import CONFIGS, DATA
 from fake_cuda import A100_80, T4, FakeNvmlDriver, MultiCardCuda, card
 
 from qlora_ray import doctor
 from qlora_ray.cluster import AutoscalerView
 from qlora_ray.grid import load_spec
-
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "tests" / "fixtures" / "configs"
 
 
 def by_name(checks: list[doctor.Check], name: str) -> list[doctor.Check]:
@@ -81,7 +79,7 @@ def _spec(tmp_path: Path, **base) -> object:
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump({
         "name": "doc", "base": {"model": "meta-llama/Llama-3.1-8B-Instruct",
-                                "dataset": {"path": str(ROOT / "experiments/data/fin_sentiment.jsonl")},
+                                "dataset": {"path": str(DATA)},
                                 "train": {"batch_size": 1}, "quant": {"compute_dtype": "float16"},
                                 "eval": {"batch_size": 2}, **base},
         "grid": {"gpu": ["T4", "H100"]}}))
@@ -115,8 +113,11 @@ def test_spec_checks_config_json_plan_datasets_and_gpu_types(tmp_path: Path, mon
     assert "1 node(s) offer GPU=1, CPU=1" in h100.detail and "accelerator_type" not in h100.detail
 
     # The gated model's config.json, with no token and no network: the fix names HF_TOKEN.
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    # huggingface_hub reads HF_HUB_OFFLINE and its cache folder at import (constants.py), so
+    # setting the variables now would change nothing: the lookup went to the network and
+    # slept through five retries (23 s). Its constants are what it reads at call time.
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("QLORA_RAY_MODEL_CONFIGS", raising=False)
     offline = doctor.spec_checks(spec, [], NODES, fixed)
