@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import CONFIGS, ROOT
 
 from qlora_ray.config import ConfigError, ExperimentConfig, from_dict, set_dotted
 from qlora_ray.memory import Recipe, Shape, architecture, estimate, largest_batch
@@ -20,7 +20,6 @@ from qlora_ray.memory_terms import ModelTerms
 from qlora_ray.profiles import get_profile
 from qlora_ray.units import GIB
 
-CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 TOLERANCE = 0.15
 UNDER_TOLERANCE = 0.05
 
@@ -149,13 +148,28 @@ def test_qlora_paper_65b_fits_a_48_gb_gpu() -> None:
     assert 40e9 < est.train_bytes <= a6000.usable_bytes
 
 
-def test_breakdowns_add_up_to_the_peaks() -> None:
-    est = estimate(model_config(LLAMA31_8B), cell(), get_profile("L4"), batch_size=4)
-    assert sum(est.breakdown.values()) == est.train_bytes
-    assert sum(est.eval_breakdown.values()) == est.eval_bytes
-    assert est.peak_bytes == max(est.train_bytes, est.eval_bytes)
-    assert {"base_weights", "unquantized_weights", "lora_weights", "optimizer_states", "activations",
-            "cuda_context", "allocator_slack"} <= set(est.breakdown)
+def test_the_weights_adapters_and_optimizer_state_are_what_the_shapes_give() -> None:
+    """Derived by hand from Llama-2-7B's config.json (hidden 4096, MLP 11008, 32 layers,
+    vocabulary 32000, untied head), not from memory.py: r 8 on q/v, NF4 + double quantization,
+    paged 32-bit AdamW. Then the peaks themselves: 8-bit Adam must lower both by exactly the
+    state it saves (the optimizer lives through training and eval)."""
+    qv = {"lora.r": 8, "lora.target_modules": ["q_proj", "v_proj"], "train.optim": "paged_adamw_32bit"}
+    est = estimate(model_config(LLAMA2_7B), cell(**qv), get_profile("L4"), batch_size=4)
+    linear = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # q, k, v, o and gate, up, down
+    # 4 bits + an fp8 absmax per 64 weights + an fp32 constant per 256 absmaxes (QLoRA section 3)
+    assert est.breakdown["base_weights"] == linear * (4 + 8 / 64 + 32 / (64 * 256)) / 8 == 3_340_771_328
+    # embeddings + lm_head + 65 RMSNorm weights, upcast to fp32 by k-bit preparation
+    assert est.breakdown["unquantized_weights"] == (2 * 32000 * 4096 + 65 * 4096) * 4
+    adapter = 32 * 2 * 8 * (4096 + 4096)  # layers x (q, v) x r x (A's input + B's output)
+    assert est.breakdown["lora_weights"] == adapter * 4 == 16_777_216  # fp32
+    assert est.breakdown["optimizer_states"] == adapter * 2 * 4  # two fp32 moments
+    # bitsandbytes' 8-bit state: two 1-byte codes a value, an fp32 absmax per 256 per moment
+    saved = adapter * 8 - (adapter * 2 + adapter // 256 * 2 * 4)
+    est8 = estimate(model_config(LLAMA2_7B), cell(**{**qv, "train.optim": "paged_adamw_8bit"}),
+                    get_profile("L4"), batch_size=4)
+    assert est.train_bytes - est8.train_bytes == saved == 25_034_752
+    assert est.eval_bytes - est8.eval_bytes == saved
+    assert {"activations", "cuda_context", "allocator_slack"} <= set(est.breakdown)
     assert est.train_range[0] < est.train_bytes < est.train_range[1]
     assert est.eval_range[0] < est.eval_bytes < est.eval_range[1]
 
@@ -271,7 +285,7 @@ def test_the_estimate_is_within_10_percent_of_every_harness_point() -> None:
     qlora-ray's real training step counted on the CPU, extrapolated to full depth."""
     import importlib.util
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_harness.py"
+    path = ROOT / "benchmarks" / "memory_harness.py"
     spec = importlib.util.spec_from_file_location("memory_harness_benchmark", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
