@@ -86,9 +86,18 @@ def test_ray_label_is_what_ray_detects_on_that_card(name: str) -> None:
         assert label == detected
 
 
+# What people type, and the card they mean (from the vendors' spec sheets, not profiles.py):
+# the plain A100 of AWS's p4d and most clouds has 40 GB, the plain V100 16 GB.
+TYPED = {"V100": ("V100-16G", 16), "A100": ("A100-40G", 40), "A4000": ("RTX-A4000", 16),
+         "A5000": ("RTX-A5000", 24), "A6000": ("RTX-A6000", 48), "H100-80G": ("H100", 80)}
+
+
 def test_aliases_and_unknown_names() -> None:
-    for alias, target in ALIASES.items():
-        assert get_profile(alias).name == target
+    assert set(ALIASES) == set(TYPED)  # a new alias gets a line above
+    for typed, (card, gb) in TYPED.items():
+        profile = get_profile(typed)
+        assert profile.name == card
+        assert profile.total_bytes / 2**30 == pytest.approx(gb, rel=0.05), typed  # "16 GB" is 16 GiB
     with pytest.raises(ConfigError, match="is not a known GPU profile"):
         get_profile("GTX-1080")
 
