@@ -102,12 +102,19 @@ def test_loss_mask_covers_exactly_the_response_and_eos(tokenizer):
     data = prepare_data(config(), tokenizer)
     assert len(data.eval) == len(data.eval_prompts) == len(data.eval_references) == 64
     for example, prompt, reference in zip(data.eval, data.eval_prompts, data.eval_references, strict=True):
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        answer_ids = tokenizer(reference, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        assert example["input_ids"] == prompt_ids + answer_ids
-        assert example["labels"] == [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-        assert example["attention_mask"] == [1] * len(example["input_ids"])
-    assert data.num_train_tokens == sum(len(ex["input_ids"]) for ex in data.train)
+        ids, labels = example["input_ids"], example["labels"]
+        n = labels.count(IGNORE_INDEX)
+        # One ignored head, then labels equal to the tokens; read back as text (decode, not
+        # the encoding data.py does), the head is the prompt and the tail the answer + eos.
+        assert labels == [IGNORE_INDEX] * n + ids[n:]
+        assert tokenizer.decode(ids[:n]) == prompt
+        assert tokenizer.decode(ids[n:]) == reference + tokenizer.eos_token
+        assert example["attention_mask"] == [1] * len(ids)
+    # The tokens training sees: the real (unpadded) positions of the collated batches.
+    collate = make_collator(tokenizer)
+    batches = [collate([data.train[i] for i in range(s, min(s + 32, len(data.train)))])
+               for s in range(0, len(data.train), 32)]
+    assert data.num_train_tokens == sum(int(b["attention_mask"].sum()) for b in batches) > 336 * 20
 
 
 def test_prompt_is_the_template_over_the_row_with_the_bos_token(tokenizer):
