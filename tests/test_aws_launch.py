@@ -97,6 +97,7 @@ def _allows(document: dict[str, Any], action: str) -> bool:
     return False
 
 
+@pytest.mark.slow  # moto's EC2/IAM/SSM server
 def test_the_head_role_ray_up_creates_cannot_read_ssm_parameters(bootstrapped: dict[str, Any]) -> None:
     # Why the workers cannot be launched with `resolve:ssm:` as their ImageId: RunInstances
     # resolves it with the caller's rights, and the autoscaler calls it with this role.
@@ -166,6 +167,7 @@ def _instances(ec2: Any, cluster: str) -> list[dict[str, Any]]:
     return [i for r in found["Reservations"] for i in r["Instances"]]
 
 
+@pytest.mark.slow  # moto's EC2/IAM/SSM server
 def test_rays_aws_provider_launches_and_terminates_every_shipped_worker_type(
     bootstrapped: dict[str, Any], imds: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -382,6 +382,7 @@ needs_chromium = pytest.mark.skipif(
 )
 
 
+@pytest.mark.slow  # starts a browser
 @needs_chromium
 def test_report_html_opens_in_chromium_with_every_image_loaded(
     spec_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -400,6 +401,7 @@ def test_report_html_opens_in_chromium_with_every_image_loaded(
     assert all(img["loaded"] and img["width"] > 300 for img in result["images"]), result["images"]
 
 
+@pytest.mark.slow  # starts a browser
 @needs_chromium
 def test_the_chromium_check_catches_an_image_that_does_not_load(
     spec_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]

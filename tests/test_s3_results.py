@@ -27,6 +27,8 @@ from results_factory import SPEC, failed, grid_rows, row
 
 from qlora_ray import results
 
+pytestmark = pytest.mark.slow  # starts an S3 server (moto's, on 127.0.0.1) for the module
+
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is in the dev extra: pip install -e '.[dev]'")
 
 BUCKET = "qlora-ray-results"
