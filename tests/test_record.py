@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from conftest import DATA
 
 from qlora_ray import provenance
 from qlora_ray.config import ExperimentConfig, from_dict
 from qlora_ray.record import Record, driver_row
 from qlora_ray.results import RUN_COLUMNS
 
-ROOT = Path(__file__).resolve().parents[1]
-CFG = from_dict(ExperimentConfig, {"name": "cell", "dataset": {"path": str(ROOT / "experiments/data/fin_sentiment.jsonl")}})
+CFG = from_dict(ExperimentConfig, {"name": "cell", "dataset": {"path": str(DATA)}})
 
 
 def test_a_driver_row_and_a_worker_row_carry_the_same_provenance() -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 from io import StringIO
-from pathlib import Path
+
+from conftest import CONFIGS, ROOT
 
 from qlora_ray.table import line, table
 from qlora_ray.units import GIB
 
-ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
@@ -51,7 +51,7 @@ def test_the_readme_plan_table_is_what_plan_prints() -> None:
     block = readme_block("so that planning needs no network:")
     assert block[0].startswith("$ qlora-ray plan experiments/gpu_profiles.yaml")
     plans = plan_spec(load_spec(ROOT / "experiments/gpu_profiles.yaml"),
-                      model_configs=[str(ROOT / "tests/fixtures/configs")], worst_case=True)
+                      model_configs=[str(CONFIGS)], worst_case=True)
     printed = render_table(plans).splitlines()
     by_name = {text.split()[0]: text for text in printed[2:len(plans) + 2]}
     # The README shows the header and a few rows, cut after `fits`.
