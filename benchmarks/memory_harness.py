@@ -82,6 +82,14 @@ POINTS: dict[str, tuple[str, dict[str, Any], bool, bool]] = {
     "tinyllama-seq4096-no-ckpt": (TINYLLAMA, {"train.max_seq_len": 4096,
                                               "train.gradient_checkpointing": False}, False, False),
     "tinyllama-seq4096-16bit": (TINYLLAMA, {"train.max_seq_len": 4096, "quant.bits": 16}, False, False),
+    # Packed rows: a micro-batch of 4 becomes one row of 4,096 tokens (encoding.PadCollator),
+    # with a block-diagonal mask over all of it.
+    "tinyllama-seq1024-batch4-packed-eager": (TINYLLAMA, {
+        "train.max_seq_len": 1024, "train.batch_size": 4, "dataset.packing": True,
+        "model.attn_implementation": "eager"}, False, False),
+    "tinyllama-seq1024-batch4-packed-no-ckpt": (TINYLLAMA, {
+        "train.max_seq_len": 1024, "train.batch_size": 4, "dataset.packing": True,
+        "train.gradient_checkpointing": False}, False, False),
     # The eval pass (evaluate.evaluate: generation, similarity embedding, eval loss) after training.
     "llama2-eval": (LLAMA2, {}, False, True),
     "tinyllama-eval-batch16-seq1024": (TINYLLAMA, {"eval.batch_size": 16, "train.max_seq_len": 1024},
@@ -158,7 +166,8 @@ def compare(results: dict[tuple[str, int], dict[str, Any]] | None = None) -> lis
         # rest of the row (memory_harness.measure); the estimator's `reference` is the
         # answer without its end-of-answer token.
         answer = max(1, min(s // 8, 32))
-        shape = Shape(train_seq=s, eval_prompt=s - answer, eval_seq=s, reference=answer - 1, masked=padded)
+        shape = Shape(train_seq=s, eval_prompt=s - answer, eval_seq=s, reference=answer - 1,
+                      masked=padded or cfg.dataset.packing)
         layers = architecture(full).layers
 
         def est(depth: int, cfg: ExperimentConfig = cfg, full: dict[str, Any] = full,

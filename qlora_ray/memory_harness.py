@@ -167,7 +167,8 @@ def measure(
 
     Eval: `eval.batch_size` prompts of `eval_prompt_tokens` (default `max_seq_len` minus the
     answer) generating `eval.max_new_tokens`, and the eval loss on `eval_rows` rows (default
-    one batch) of `max_seq_len` tokens. `padded`: batches mix long and short rows (so they
+    one batch) of `max_seq_len` tokens. With `dataset.packing` each training row is four examples
+    packed end to end. `padded`: batches mix long and short rows (so they
     carry an attention mask). `model_cache`: keep the random model folders there and reuse
     them (`ensure_model`); default a temp folder per call.
     """
@@ -179,6 +180,7 @@ def measure(
     from qlora_ray import train as training
     from qlora_ray.data import PreparedData, make_collator
     from qlora_ray.device import Device
+    from qlora_ray.encoding import pack
 
     bs = cfg.train.batch_size
     if not isinstance(bs, int):
@@ -196,8 +198,14 @@ def measure(
                                  "train.warmup_ratio": 0.0})
         device = Device(kind="cpu", name="cpu", total_memory_bytes=None)  # bf16: yes on the CPU
         loaded = modeling.load(run_cfg, device, compute)
-        train_ds = datasets.Dataset.from_list(_rows(bs * steps * run_cfg.train.grad_accum, seq, answer,
-                                                    vocab, 0, padded))
+        n_train = bs * steps * run_cfg.train.grad_accum
+        if cfg.dataset.packing:
+            # Four examples to a row, as data.py packs them (positions restart per example);
+            # the collator lays a micro-batch of them end to end in one row.
+            train_rows = pack(_rows(4 * n_train, seq // 4, max(1, answer // 4), vocab, 0), seq)
+        else:
+            train_rows = _rows(n_train, seq, answer, vocab, 0, padded)
+        train_ds = datasets.Dataset.from_list(train_rows)
         n_eval = eval_rows or cfg.eval.batch_size
         eval_ds = datasets.Dataset.from_list(_rows(n_eval, seq, answer, vocab, 1))
         trainer = training.make_trainer(

@@ -211,8 +211,10 @@ class ModelTerms:
         """Tensors beyond `static()` at the three moments that can be a step's peak."""
         a, cfg, cb, rb = self.arch, self.cfg, self.cb, self.rb
         tokens = bs * seq
-        # Rows of unequal length (any batch of 2+, or packed rows) carry an attention mask.
-        masked = shape_masked if shape_masked is not None else bs > 1 or cfg.dataset.packing
+        # Rows of unequal length (any batch of 2+, or packed rows) carry an attention mask;
+        # flash_attention_2 never gets one (it unpads, or takes packed rows by their positions).
+        masked = shape_masked if shape_masked is not None else (bs > 1 or cfg.dataset.packing) and (
+            effective_attention(cfg.model.attn_implementation, a.model_type) != "flash_attention_2")
         ckpt = cfg.train.gradient_checkpointing
         h, inter, L = a.hidden, a.intermediate * a.experts_per_token, a.layers
         per_layer = sum(self.layer_saved(seq, masked, recomputed=ckpt).values())
@@ -228,6 +230,11 @@ class ModelTerms:
         # each layer (convert_boolean_attn_mask), kept for backward by every layer, or under
         # checkpointing by the recomputed one only.
         square = bs * seq * seq if masked else 0
+        # Eager attention makes a heads x seq x seq score matrix per row in every layer it runs:
+        # in the forward the fp32 scores (after the mask is added) and softmax's fp32 output,
+        # in backward softmax's fp32 input gradient beside what the layer saved.
+        scores = bs * a.heads * seq * seq if effective_attention(
+            cfg.model.attn_implementation, a.model_type) == "eager" else 0
         common = {
             "lm_head_copy": a.vocab * h * cb if self.ub != cb and self.autocast else 0,
             "attention_mask": square * (1 + (0 if ckpt else L * cb)),
@@ -237,6 +244,9 @@ class ModelTerms:
         # and log_softmax's output; autocast's cache still holds every adapter copy.
         forward = {"activations": saved + tokens * h * 4, "logits": logits * (cb + 8),
                    "lora_autocast_copies": copies, "lora_gradients": grads if accumulating else 0, **common}
+        if scores:  # or inside the last layer's eager attention, before the logits exist
+            in_attention = {**forward, "activations": saved + scores * 8, "logits": 0}
+            forward = max(forward, in_attention, key=lambda d: sum(d.values()))
         # Loss: log_softmax's backward, with its fp32 output, nll_loss's gradient and its own.
         loss = {"activations": saved + tokens * h * 4, "logits": logits * 12,
                 "lora_autocast_copies": kept_copies, "lora_gradients": grads if accumulating else 0,
@@ -261,7 +271,7 @@ class ModelTerms:
             dequant = 0
         at_down = dequant + tokens * (inter * wide + 2 * h * rb + h * cb)
         at_mul = tokens * (3 * inter * self.mw + 2 * h * rb)
-        transient = max(at_down, at_mul) + tokens * (per_layer if ckpt else 0)
+        transient = max(at_down, at_mul) + tokens * (per_layer if ckpt else 0) + scores * 4
         base = {"attention_mask": square * (1 + (cb if ckpt else L * cb))}
         # Gradients exist for the layers already done and, in this one, for down_proj's
         # adapter (its backward runs before the MLP's).

@@ -294,3 +294,19 @@ def test_the_estimate_is_within_10_percent_of_every_harness_point() -> None:
     for r in rows:
         worst = max(bench.errors(r), key=abs)
         assert abs(worst) <= 0.10, f"{r['name']}: {worst:+.1%}"
+
+
+@pytest.mark.parametrize(("attention", "quadratic"), [("flash_attention_2", False), ("sdpa", True)])
+def test_a_packed_micro_batch_is_one_row_with_a_mask_only_where_the_kernel_takes_one(
+        attention: str, quadratic: bool) -> None:
+    # The collator lays a packed micro-batch end to end in one row (encoding.PadCollator), so
+    # a mask spans batch x seq tokens: doubling the batch adds more than the step before did.
+    # flash_attention_2 takes packed rows by their positions with no mask: memory is linear.
+    def train(batch: int) -> int:
+        cfg = cell(**{"train.batch_size": batch, "train.max_seq_len": 4096, "dataset.packing": True,
+                      "model.attn_implementation": attention, "train.gradient_checkpointing": False})
+        return estimate(model_config("mistralai/Mistral-7B-v0.1"), cfg, get_profile("A100-80G")).train_bytes
+
+    one, two, four = train(1), train(2), train(4)
+    growth = (four - two) / (two - one)
+    assert growth > 2.1 if quadratic else growth == pytest.approx(2.0, rel=0.01), growth
