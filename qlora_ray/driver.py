@@ -170,7 +170,7 @@ def _collect(ref: Any, cell: Cell, spec: Spec) -> tuple[dict[str, Any], list[dic
     except (rex.WorkerCrashedError, rex.NodeDiedError, rex.RayTaskError, rex.RayError) as e:
         status, error = "failed", f"{type(e).__name__}: {_first_line(e)}"
     return driver_row(cell.config, cell.experiment_id, spec.name, status, error, cell.attempt,
-                       cell.predicted_peak_bytes, cell.predicted), [], None
+                      cell.predicted_peak_bytes, cell.predicted), [], None
 
 
 def _first_line(exc: BaseException) -> str:
@@ -216,7 +216,7 @@ def _expire_unschedulable(
         running.pop(cell.ref)
         error = unschedulable_reason(view, cell.resources, cell.config.gpu, limit)
         row = driver_row(cell.config, cell.experiment_id, spec.name, "unschedulable", error,
-                          cell.attempt, cell.predicted_peak_bytes, cell.predicted)
+                         cell.attempt, cell.predicted_peak_bytes, cell.predicted)
         writer.write(row)
         rows[cell.experiment_id] = row
         progress.finished(row)

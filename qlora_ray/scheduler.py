@@ -144,7 +144,7 @@ def run_spec(
             continue
         if plan.problems and not force:
             row = driver_row(plan.config, plan.experiment_id, spec.name, "skipped",
-                              "; ".join(plan.problems), attempt, plan.predicted_peak_bytes, predicted)
+                             "; ".join(plan.problems), attempt, plan.predicted_peak_bytes, predicted)
             writer.write(row)
             kept[plan.experiment_id] = row
             continue
