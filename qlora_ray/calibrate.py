@@ -230,7 +230,7 @@ def main(args: argparse.Namespace) -> int:
     import os
 
     from qlora_ray.config_json import MODEL_CONFIGS_ENV
-    from qlora_ray.results import load
+    from qlora_ray.results_load import load
 
     if args.model_configs:
         os.environ[MODEL_CONFIGS_ENV] = os.pathsep.join(

@@ -416,56 +416,6 @@ class ExperimentConfig(Validated):
         return from_dict(ExperimentConfig, data)
 
 
-def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
-    """The config columns of a result row (names are part of the results contract)."""
-    lora_targets = cfg.lora.target_modules
-    return {
-        "experiment_id": cfg.experiment_id,
-        "name": cfg.name,
-        "gpu": cfg.gpu,
-        "model": cfg.model.name,
-        "model_revision": cfg.model.revision,
-        "attn_implementation": cfg.model.attn_implementation,
-        "trust_remote_code": cfg.model.trust_remote_code,
-        "dataset": cfg.dataset.path,
-        "quant_bits": cfg.quant.bits,
-        "quant_type": cfg.quant.type if cfg.quant.bits == 4 else None,
-        "double_quant": cfg.quant.double_quant if cfg.quant.bits == 4 else None,
-        "compute_dtype_requested": cfg.quant.compute_dtype,
-        "lora_r": cfg.lora.r,
-        "lora_alpha": float(cfg.lora.alpha),
-        "lora_dropout": cfg.lora.dropout,
-        "lora_target_modules": lora_targets if isinstance(lora_targets, str) else ",".join(lora_targets),
-        "use_rslora": cfg.lora.use_rslora,
-        "use_dora": cfg.lora.use_dora,
-        "batch_size_requested": str(cfg.train.batch_size),
-        "grad_accum": cfg.train.grad_accum,
-        "epochs": float(cfg.train.epochs),
-        "max_steps": cfg.train.max_steps,
-        "learning_rate": cfg.train.learning_rate,
-        "lr_scheduler": cfg.train.lr_scheduler,
-        "max_seq_len": cfg.train.max_seq_len,
-        "optim": cfg.train.optim,
-        "gradient_checkpointing": cfg.train.gradient_checkpointing,
-        "seed": cfg.train.seed,
-        "packing": cfg.dataset.packing,
-        "batching": batching(cfg),
-        "eval_max_new_tokens": cfg.eval.max_new_tokens,
-        "embedder": cfg.eval.similarity.embedder,
-        "embedder_revision": cfg.eval.similarity.revision,
-        "emulate_profile": cfg.emulate_profile,
-        "config_json": json.dumps(to_dict(cfg), sort_keys=True),
-    }
-
-
-def batching(cfg: ExperimentConfig) -> str:
-    """How a cell's training batches are made: `padded` (random rows, each batch padded to its
-    longest; the default), `length_grouped` (train.group_by_length) or `packed` (dataset.packing)."""
-    if cfg.dataset.packing:
-        return "packed"
-    return "length_grouped" if cfg.train.group_by_length else "padded"
-
-
 def describe_fields(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:
     """(dotted key, default, help) for every field, for docs/config.md (`docs_gen`)."""
     rows: list[tuple[str, str, str]] = []

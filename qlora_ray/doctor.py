@@ -37,7 +37,7 @@ def results_check(uri: str) -> Check:
     """Write, read back and delete a probe object where `run` would write its rows."""
     import pyarrow.fs as pafs
 
-    from qlora_ray.results import redact, resolve
+    from qlora_ray.results_io import redact, resolve
     from qlora_ray.resume import scrub
 
     shown = redact(uri)  # keys in the URI are used, never printed

@@ -78,7 +78,7 @@ def main(args: argparse.Namespace) -> int:
 
 def write_report(report: Report, plots: dict[str, bytes], out: str) -> list[str]:
     """Write report.md, report.html and the PNGs into `out` (a path or URI); their paths."""
-    from qlora_ray.results import resolve
+    from qlora_ray.results_io import resolve
 
     fs, base = resolve(out)
     fs.create_dir(base, recursive=True)

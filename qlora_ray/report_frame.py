@@ -50,15 +50,15 @@ def build_report(
     path: str, *, baseline: str | None = None, where: str | None = None, sort: str | None = None
 ) -> Report:
     """Load RESULTS/<spec>, derive the table's numbers, apply --baseline/--where/--sort."""
-    from qlora_ray import results
+    from qlora_ray import results, results_load
 
     try:
-        runs = results._runs_folder(str(path))
+        runs = results_load.runs_folder(str(path))
     except FileNotFoundError as e:
         raise ReportError(str(e)) from e
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", results.ResultsWarning)
-        df = results.load(runs)
+        df = results_load.load(runs)
     notes = [str(w.message) for w in caught if issubclass(w.category, results.ResultsWarning)]
     if df.empty:
         raise ReportError(f"no result rows in {runs} yet" + "".join(f"; {n}" for n in notes), code=1)

@@ -20,7 +20,7 @@ from typing import Any
 
 from qlora_ray.config import ConfigError, problem
 from qlora_ray.identity import legacy_experiment_id
-from qlora_ray.results import (
+from qlora_ray.results_io import (
     move_experiment,
     probe_write,
     read_run_rows,

@@ -20,7 +20,7 @@ from qlora_ray.driver import DEFAULT_UNSCHEDULABLE_TIMEOUT, Cell, run_cells
 from qlora_ray.grid import DEFAULT_MAX_CELLS, load_spec
 from qlora_ray.progress import print_summary
 from qlora_ray.record import driver_row
-from qlora_ray.results import redact
+from qlora_ray.results_io import redact
 from qlora_ray.resume import RowWriter, check_writable, existing_rows
 
 RETRYABLE = ("oom", "failed", "unschedulable")

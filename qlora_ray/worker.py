@@ -266,7 +266,7 @@ def save_adapter(model: Any, results: str, spec_name: str, experiment_id: str) -
     """
     import pyarrow.fs as pafs
 
-    from qlora_ray.results import redact, resolve
+    from qlora_ray.results_io import redact, resolve
 
     fs, base = resolve(results)
     parent = f"{base}/{spec_name}/adapters"

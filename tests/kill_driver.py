@@ -2,7 +2,7 @@
 
     python tests/kill_driver.py KIND N -- run SPEC --results DIR ...
 
-The driver writes rows through `qlora_ray.results.resolve(...)`'s filesystem; here that
+The driver writes rows through `qlora_ray.results_io.resolve(...)`'s filesystem; here that
 filesystem is the real local one seen through pyarrow's `PyFileSystem`, with one change:
 at the N-th event of KIND (counted in this process) the process kills itself with
 SIGKILL, as `kill -9` or the kernel's OOM killer would, at exactly that point:
@@ -47,7 +47,7 @@ class KillingHandler(pafs.FileSystemHandler):
         if name.startswith("probe-"):  # the driver's check that the folder is writable
             return self.fs.open_output_stream(path)
         handler = self
-        what = "samples" if "-samples-" in name else "run"  # results._write_atomic's staging name
+        what = "samples" if "-samples-" in name else "run"  # results_io._write_atomic's staging name
         target = open(path, "wb")  # noqa: SIM115 - closed through PythonFile
 
         class Half:
@@ -122,17 +122,17 @@ class KillingHandler(pafs.FileSystemHandler):
 def main() -> None:
     kind, n, sep, *argv = sys.argv[1:]
     assert sep == "--", __doc__
-    from qlora_ray import results
+    from qlora_ray import results_io
     from qlora_ray.cli import main as cli
 
     fs = pafs.PyFileSystem(KillingHandler(kind, int(n)))
-    real = results.resolve
+    real = results_io.resolve
 
     def resolve(where: str) -> tuple[pafs.FileSystem, str]:
         _, base = real(where)
         return fs, base
 
-    results.resolve = resolve  # the driver's row writes go through `fs`
+    results_io.resolve = resolve  # the driver's row writes go through `fs`
     sys.exit(cli(argv))
 
 

@@ -1,6 +1,6 @@
 """Result rows as a real run writes them, for the report and loader tests.
 
-Rows go through `qlora_ray.results.write_run`, so the files have the real schema and the
+Rows go through `qlora_ray.results_io.write_run`, so the files have the real schema and the
 real atomic layout. Values are realistic for a 1B-parameter model on the named cards.
 """
 
@@ -10,7 +10,7 @@ import datetime as dt
 import hashlib
 from typing import Any
 
-from qlora_ray.results import write_run
+from qlora_ray.results_io import write_run
 
 GIB = 1024**3
 SPEC = "rank-vs-gpu"

@@ -27,7 +27,8 @@ from conftest import ROOT
 from qlora_ray import scheduler
 from qlora_ray.cli import main as cli_main
 from qlora_ray.config import MAX_NEW_TOKENS
-from qlora_ray.results import empty_row, write_run
+from qlora_ray.results import empty_row
+from qlora_ray.results_io import write_run
 
 SHIPPED_DATA = ROOT / "experiments" / "data" / "fin_sentiment.jsonl"
 GOOD_ROW = '{"instruction": "Sentiment?", "input": "Shares rise", "output": "positive"}\n'

@@ -137,8 +137,8 @@ def test_the_auto_default_keeps_the_ids_cells_had_when_sdpa_was_the_default() ->
 
 
 def test_trust_remote_code_is_off_by_default_and_recorded_in_the_row(tmp_path: Path) -> None:
-    from qlora_ray.config import flatten
-    from qlora_ray.results import empty_row, read_run_rows, write_run
+    from qlora_ray.results import empty_row, flatten
+    from qlora_ray.results_io import read_run_rows, write_run
 
     cfg = from_dict(ExperimentConfig, {})
     assert cfg.model.trust_remote_code is False

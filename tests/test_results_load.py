@@ -21,8 +21,8 @@ from qlora_ray.results import (
     ResultsWarning,
     load,
     load_samples,
-    write_samples,
 )
+from qlora_ray.results_io import write_samples
 
 
 @pytest.fixture

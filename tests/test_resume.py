@@ -20,7 +20,8 @@ from results_factory import failed, row
 
 from qlora_ray.config import ConfigError
 from qlora_ray.grid import load_spec
-from qlora_ray.results import ResultsWarning, load, redact, write_run, write_samples
+from qlora_ray.results import ResultsWarning, load
+from qlora_ray.results_io import redact, write_run, write_samples
 from qlora_ray.resume import RowWriter
 from qlora_ray.scheduler import run_spec
 

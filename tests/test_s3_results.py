@@ -25,7 +25,7 @@ import pytest
 from conftest import ROOT
 from results_factory import SPEC, failed, grid_rows, row
 
-from qlora_ray import results
+from qlora_ray import results, results_io
 
 pytestmark = pytest.mark.slow  # starts an S3 server (moto's, on 127.0.0.1) for the module
 
@@ -100,9 +100,9 @@ def test_rows_written_to_s3_read_back_with_every_reader(s3_env: str, request: py
     root = f"s3://{BUCKET}/{request.node.name}"
     rows = grid_rows()
     for r in rows:
-        path = results.write_run(root, SPEC, r)
+        path = results_io.write_run(root, SPEC, r)
         assert path == f"{BUCKET}/{request.node.name}/{SPEC}/runs/{r['experiment_id']}.parquet"
-    results.write_samples(root, SPEC, rows[0]["experiment_id"], _samples(rows[0]["experiment_id"], rows[0]["name"]))
+    results_io.write_samples(root, SPEC, rows[0]["experiment_id"], _samples(rows[0]["experiment_id"], rows[0]["name"]))
 
     # Exactly one whole object per experiment under runs/; the staging copies are gone.
     fs = _fs(s3_env)
@@ -112,10 +112,10 @@ def test_rows_written_to_s3_read_back_with_every_reader(s3_env: str, request: py
                            f"samples/{rows[0]['experiment_id']}.parquet"])
 
     # The driver's resume reader, the report's table reader, the pandas helpers.
-    by_id = results.read_run_rows(root, SPEC)
+    by_id = results_io.read_run_rows(root, SPEC)
     assert set(by_id) == {r["experiment_id"] for r in rows}
     assert {by_id[r["experiment_id"]]["status"] for r in rows} == {r["status"] for r in rows}
-    table, bad = results.read_runs_table(f"{root}/{SPEC}/runs")
+    table, bad = results_io.read_runs_table(f"{root}/{SPEC}/runs")
     assert bad == [] and table.num_rows == len(rows) and table.schema == results.RUN_SCHEMA
     df = results.load(f"{root}/{SPEC}")
     assert sorted(df["name"]) == sorted(r["name"] for r in rows)
@@ -134,15 +134,15 @@ def test_a_rerun_replaces_the_object_and_a_crashed_write_stays_invisible(
 ) -> None:
     root = f"s3://{BUCKET}/{request.node.name}"
     first = failed("qlora-r64-bs8-T4", "oom", "CUDA out of memory")
-    results.write_run(root, SPEC, first)
-    results.write_run(root, SPEC, {**first, "status": "ok", "error": None, "attempt": 2,
+    results_io.write_run(root, SPEC, first)
+    results_io.write_run(root, SPEC, {**first, "status": "ok", "error": None, "attempt": 2,
                                    "peak_memory_bytes": 14 * 2**30})
     # A driver killed mid-write leaves its half object under .staging, never in runs/.
     fs = _fs(s3_env)
     with fs.open_output_stream(f"{BUCKET}/{request.node.name}/{SPEC}/.staging/dead-{first['experiment_id']}.parquet") as f:
         f.write(b"PAR1 truncated")
 
-    rows = results.read_run_rows(root, SPEC)
+    rows = results_io.read_run_rows(root, SPEC)
     assert list(rows) == [first["experiment_id"]]
     assert rows[first["experiment_id"]]["status"] == "ok" and rows[first["experiment_id"]]["attempt"] == 2
     df = pd.read_parquet(f"{BUCKET}/{request.node.name}/{SPEC}/runs", filesystem=fs)
@@ -154,8 +154,8 @@ def test_pyarrow_uri_with_endpoint_in_the_query_works_for_the_write_and_resume_p
 ) -> None:
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     root = f"s3://{BUCKET}/{request.node.name}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
-    results.write_run(root, SPEC, row("qlora-r8-bs4-T4"))
-    assert set(results.read_run_rows(root, SPEC)) == {row("qlora-r8-bs4-T4")["experiment_id"]}
+    results_io.write_run(root, SPEC, row("qlora-r8-bs4-T4"))
+    assert set(results_io.read_run_rows(root, SPEC)) == {row("qlora-r8-bs4-T4")["experiment_id"]}
     assert _keys(_fs(endpoint), f"{BUCKET}/{request.node.name}/{SPEC}/runs") == [
         f"{row('qlora-r8-bs4-T4')['experiment_id']}.parquet"]
 
@@ -200,7 +200,7 @@ def test_report_reads_an_s3_results_folder(s3_env: str, request: pytest.FixtureR
 
     root = f"s3://{BUCKET}/{request.node.name}"
     for r in grid_rows():
-        results.write_run(root, SPEC, r)
+        results_io.write_run(root, SPEC, r)
     out = io.StringIO()
     with redirect_stdout(out):
         code = main(["report", f"{root}/{SPEC}", "--out", str(tmp_path / "report")])

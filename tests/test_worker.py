@@ -14,7 +14,8 @@ import pytest
 from conftest import DATA, ROOT
 
 from qlora_ray.config import ExperimentConfig, from_dict
-from qlora_ray.results import RUN_COLUMNS, read_run_rows, write_run
+from qlora_ray.results import RUN_COLUMNS
+from qlora_ray.results_io import read_run_rows, write_run
 
 
 def fast(**overrides) -> ExperimentConfig:
