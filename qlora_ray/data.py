@@ -1,45 +1,10 @@
-"""Training and eval data: load, format, tokenize, split, pack, collate.
-
-Rows and text live here; token ids (truncation, packing, the collator) in encoding.py.
+"""Training and eval data: load, format, split, label set (token ids: encoding.py).
 
     data = prepare_data(cfg, tokenizer)      # cfg: ExperimentConfig
     trainer = Trainer(..., train_dataset=data.train, eval_dataset=data.eval,
                       data_collator=make_collator(tokenizer))
 
-What a row becomes:
-
-- prompt text: `dataset.prompt_template.format_map(row)`, where a column a row lacks (or
-  holds null) formats as empty; with `dataset.chat_template: true` that text is the user
-  message of the tokenizer's chat template (with the generation prompt appended).
-  If the tokenizer puts a bos token in front of what it encodes (Llama does), the text
-  starts with it; so the prompt text is exactly what the model sees, and is tokenized
-  with `add_special_tokens=False` everywhere (training here, generation in evaluate).
-- target: `row[dataset.response_field]` + the eos token, or with a chat template what the
-  template closes an assistant turn with (`<end_of_turn>`, `<|end|>`, ...; see
-  `answer_suffix`). Prompt and response are tokenized separately, as generation sees
-  them: the prompt, then new tokens.
-- labels: -100 on every prompt token, so the loss is on the response only.
-- truncation to `train.max_seq_len`: the response is kept and the prompt is cut from the
-  left (after its bos token), because the end of a prompt (the question and the
-  "### Response:" cue) is what the answer depends on. If the response alone would leave
-  the prompt fewer than `max_seq_len // 2` tokens, the prompt keeps its last
-  `max_seq_len // 2` tokens and the response is cut from the right (losing its eos).
-  Generation prompts are cut by the same rule, leaving room for `eval.max_new_tokens`.
-- split: `eval_size` rows (a count, or a fraction of the rows) are held out, the rest
-  train, drawn with `random.Random(dataset.split_seed)`. When there is a label set, the
-  split is stratified on the reference (each label, and the rows whose answer is not a
-  label, keep their share in both parts), and the eval rows are interleaved so that any
-  prefix keeps it. `dataset.max_train_samples` then caps the training rows,
-  `eval.max_samples` the eval rows (a prefix of each).
-- packing (`dataset.packing`): whole training examples are laid end to end into
-  sequences of at most `max_seq_len` tokens (an example is never split across two), with
-  their label masks unchanged and `position_ids` restarting at each example, so that
-  attention stays inside an example (see `encoding.pack` and `encoding.PadCollator`). A packed epoch has
-  fewer, fuller batches, hence fewer optimizer steps than an unpacked one: the row's
-  `train_steps`, `train_examples` and `train_sequences` say so. Eval data is never packed.
-
-Rows whose response is null or empty are dropped (with a warning): an empty target
-teaches nothing and has no reference to score against.
+What a row becomes (prompt, target, labels, truncation, split, packing): docs/data.md.
 """
 
 from __future__ import annotations

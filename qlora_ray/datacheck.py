@@ -4,19 +4,7 @@
     found = check_dataset(cfg.dataset)                            # rows + what a run will use
     check_spec_datasets(spec)                                     # every distinct dataset of a grid
 
-`plan` and `run` call `check_spec_datasets` right after the spec is read, so a missing,
-empty, non-JSON or non-UTF-8 file, a row without the answer column, or a prompt template
-naming a column the data lacks is one error naming `file:line` and the field, instead of
-a `failed` row per cell after a model load. The workers read local files with the same
-`read_rows` (through `data.load_rows`), so what was checked is what trains.
-
-Formats (by suffix): `.jsonl` (one JSON object per line), `.json` (a JSON array of
-objects, JSON Lines, or an object of equal-length column lists), `.csv` (a header line,
-then rows; an empty cell is null; every value stays text, as written), `.parquet`. Lines
-are counted from 1 as an editor shows them; for a JSON array or a Parquet file, problems
-name the row instead (counted from 1). Only json, csv and pyarrow are used: no torch, no
-`datasets`, so planning stays fast. Hub datasets and folders are not checked here (that
-needs the network or `datasets`); the worker checks them when it loads them.
+Formats and checks: docs/data.md. Only json, csv and pyarrow: planning stays fast.
 """
 
 from __future__ import annotations
@@ -157,11 +145,19 @@ def _read_jsonl(path: str, text: str, key: str) -> tuple[list[dict[str, Any]], l
             continue
         rows.append(value)
         where.append(Row(path, number, True))
+    return _all_good(path, key, rows, where, bad, "write one JSON object per line, e.g. "
+                     '{"instruction": "...", "output": "..."}')
+
+
+def _all_good(
+    path: str, key: str, rows: list[dict[str, Any]], where: list[Row], bad: list[tuple[int, str, str]],
+    fix: str, empty: tuple[str, str] = ("has no rows", "give a file with rows"),
+) -> tuple[list[dict[str, Any]], list[Row]]:
+    """The rows a line-by-line reader kept, or one error naming every bad line (or no rows)."""
     if bad:
-        raise ConfigError(_line_problems(path, bad, "write one JSON object per line, e.g. "
-                                                    '{"instruction": "...", "output": "..."}'))
+        raise ConfigError(_line_problems(path, bad, fix))
     if not rows:
-        raise ConfigError([problem(key, path, "has no rows", "give a file with rows")])
+        raise ConfigError([problem(key, path, *empty)])
     return rows, where
 
 
@@ -230,12 +226,9 @@ def _read_csv(path: str, text: str, key: str) -> tuple[list[dict[str, Any]], lis
             continue
         rows.append({n: (v if v != "" else None) for n, v in zip(names, record, strict=True)})
         where.append(Row(path, line, True))
-    if bad:
-        raise ConfigError(_line_problems(path, bad, "give every line one value per header column "
-                                                    "(quote values that contain commas)"))
-    if not rows:
-        raise ConfigError([problem(key, path, "has a header but no rows", "add rows under the header")])
-    return rows, where
+    return _all_good(path, key, rows, where, bad,
+                     "give every line one value per header column (quote values that contain commas)",
+                     empty=("has a header but no rows", "add rows under the header"))
 
 
 def _read_parquet(path: str, data: bytes, key: str) -> tuple[list[dict[str, Any]], list[Row]]:

@@ -1,20 +1,7 @@
 """Grid specs (YAML) -> validated experiment configs. Pure: no I/O beyond reading the spec.
 
-A spec:
-
-    name: rank-vs-gpu                 # results go to RESULTS/<name>/
-    base: {...}                       # an ExperimentConfig as nested mappings
-    grid: {lora.r: [4, 8], gpu: [T4, L4]}          # cartesian product over dotted keys
-    paired:                           # axes that vary together (same length lists)
-      - {train.batch_size: [1, 2, 4], train.grad_accum: [4, 2, 1]}
-    seeds: [0, 1, 2]                  # repeats: an axis over train.seed
-    exclude: [{gpu: T4, quant.compute_dtype: bfloat16}]
-    preset: seed-per-gpu              # per-GPU lora/batch starting points (profiles.PRESETS)
-    runs:                             # named experiments (each crossed with the axes above)
-      - {name: lora-16bit, quant.bits: 16}
-      - {name: qlora-nf4}
-
-Every problem in the spec is collected and raised at once as a `ConfigError`.
+`load_spec(path)` expands `base` over `grid`, `paired`, `seeds`, `preset`, `runs` and
+`exclude` (README, "Grid specs") and raises every problem at once as one `ConfigError`.
 """
 
 from __future__ import annotations

@@ -1,26 +1,7 @@
-"""GPU profiles: how much memory a card gives a process, what it supports, how Ray names it.
+"""GPU profiles (memory, capabilities, Ray label, speed, price) and the per-GPU presets.
 
-Pure data. `total_mib` is what `nvidia-smi` reports as the card's memory (a little less
-than the marketing size); the planner counts the CUDA context as part of each prediction,
-so the whole of it is `usable_bytes`.
-
-`ray_accelerator_type` is the label Ray auto-detects from the device name (see
-`ray/_private/accelerators/nvidia_gpu.py`): a node with that card advertises the resource
-`accelerator_type:<label>`. Ray cannot tell an A100 40 GB from an 80 GB one (both are
-`A100`), so the sized profiles use their own labels, `A100-40G` / `A100-80G` (and
-`V100-32G`), which a node only has when it is started with
-`--resources='{"accelerator_type:A100-40G": 1}'` (the shipped `ray_cluster.yaml` does this
-for its A100 node types).
-
-Speed and price, for the time and cost prediction (`throughput.py`, docs/time.md):
-`peak_tflops` is the card's dense (no sparsity) FP16/BF16 tensor-core peak, `peak_fp32_tflops`
-its plain FP32 peak and `memory_bandwidth_gbs` its memory bandwidth, all from NVIDIA's
-datasheets (the SXM variants where a card has several: the ones AWS rents); the A10G, an
-AWS-only variant of the A10, from Baseten's comparison of the two (2023). `usd_per_hour`
-is the AWS EC2 On-Demand list price (us-east-1, Linux) of the instance type the shipped
-`ray_cluster.yaml` uses for the card, per GPU, as published in 2024; AWS lowered the
-P4d/P4de/P5 (A100, H100) On-Demand prices in June 2025, so those two are high now. Cards
-AWS does not rent have no price: set one under the spec's `profiles:` to get dollars.
+Pure data. Where the figures come from and how Ray labels cards: docs/memory.md ("GPU
+profiles") and docs/time.md; a spec's `profiles:` entries are these fields (docs/config.md).
 """
 
 from __future__ import annotations
