@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ast
+import itertools
 import re
+from pathlib import Path
 
 from conftest import ROOT
 
+from qlora_ray.config import describe_fields
 from qlora_ray.docs_gen import config_reference
+from qlora_ray.profiles import GpuProfile
 
 
 def test_config_reference_is_current():
@@ -48,3 +53,26 @@ def test_no_documented_command_puts_an_expanded_secret_on_its_command_line():
                         and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=\S*", words[0])):
                     offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def _attribute_docstrings(path: Path) -> list[str]:
+    """`field: T` followed by a string statement, in a dataclass body (the style the README retired)."""
+    tree = ast.parse(path.read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ClassDef) and any("dataclass" in ast.unparse(d) for d in node.decorator_list):
+            for stmt, after in itertools.pairwise(node.body):
+                if (isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr)
+                        and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                    found.append(f"{path.relative_to(ROOT)}:{after.lineno} {node.name}.{ast.unparse(stmt.target)}")
+    return found
+
+
+def test_fields_are_documented_one_way():
+    """README "Layout": a config field has help= (docs/config.md is made of it); any other
+    dataclass explains a field with a comment, never an attribute docstring."""
+    rows = describe_fields() + describe_fields(GpuProfile, "profiles.<name>.")
+    undocumented = [key for key, _, help_text in rows if not help_text.strip()]
+    assert undocumented == []
+    docstrings = [hit for path in sorted((ROOT / "qlora_ray").glob("*.py")) for hit in _attribute_docstrings(path)]
+    assert docstrings == []
