@@ -202,10 +202,10 @@ def test_length_grouped_batching_pads_less_over_the_same_rows_and_steps():
     from qlora_ray.train import make_trainer
 
     seen = {}
+    loaded = load(fast(), cpu_device(), "float32")  # the batching setting does not reach the model
     for grouped in (False, True):
         cfg = fast(**{"train.group_by_length": grouped, "train.max_steps": None, "train.batch_size": 4,
                       "dataset.max_train_samples": 96, "train.max_seq_len": 512})
-        loaded = load(cfg, cpu_device(), "float32")
         data = prepare_data(cfg, loaded.tokenizer)
         trainer = make_trainer(loaded.model, loaded.tokenizer, data.train, data.eval,
                                make_collator(loaded.tokenizer), cfg, cpu_device(), "float32", 4, 1)
@@ -216,6 +216,10 @@ def test_length_grouped_batching_pads_less_over_the_same_rows_and_steps():
     assert n_grouped == n_random == 24 and real_grouped == real_random
     pad_random, pad_grouped = padded_random - real_random, padded_grouped - real_grouped
     assert pad_grouped < pad_random / 2, (pad_grouped, pad_random)
+
+
+@pytest.mark.slow
+def test_the_row_says_which_batching_ran():
     row = run(fast(**{"train.group_by_length": True, "eval.before": False})).row
     assert row["status"] == "ok", row["error"]
     assert row["batching"] == "length_grouped" and row["train_steps"] == 2
