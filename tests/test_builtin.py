@@ -1,8 +1,8 @@
 """builtin:tiny-llama: built offline, loadable, deterministic, cached once per recipe.
 
-The model itself is built once per machine in the default cache (`$QLORA_RAY_CACHE` or
-~/.cache/qlora-ray) and shared with the other test files; only the cache tests build into
-a temporary directory.
+The model itself is built once into the tests' cache (`$QLORA_RAY_CACHE`, which
+tests/conftest.py points at .pytest_cache/d/qlora-ray) and shared with the other test
+files; only the cache tests build into a temporary directory.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """data.py: what a row becomes (prompt, loss mask, split, packing, labels) and its errors.
 
-Uses the builtin tiny-llama tokenizer (built once per machine in the default cache).
+Uses the builtin tiny-llama tokenizer (built once into the tests' cache: tests/conftest.py).
 """
 
 from __future__ import annotations
