@@ -52,6 +52,7 @@ class PreparedData:
     end_of_answer_ids: list[int]  # the token an answer ends with (eos, or the chat turn's end)
     num_train_tokens: int  # non-padding tokens in one epoch of train
     stats: dict[str, int] = field(default_factory=dict)  # rows, dropped, truncated, ...
+    cached: bool = False  # read from the tokenized-data cache (datacache.py), not built here
 
 
 # ----------------------------------------------------------------------------- loading

@@ -7,6 +7,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 from importlib import metadata
 from typing import Any
 
@@ -74,6 +75,10 @@ def hub_commit(name: str, revision: str | None = None) -> str | None:
 
 
 def ray_node_id() -> str | None:
+    # A process that never imported Ray is not in a Ray cluster (an experiment's own process,
+    # fresh.py: its Ray task adds the node), and importing Ray to find that out takes seconds.
+    if "ray" not in sys.modules:
+        return None
     try:
         import ray
 

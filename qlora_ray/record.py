@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import math
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,6 +104,7 @@ class Record:
         self.memory: dict[str, Peaks] = {}  # window ("eval_before", "train", "eval") -> peaks
         self.context_bytes: int | None = None
         self.paged_bytes: int | None = None
+        self.seconds: dict[str, float] = {}  # wall seconds per phase (window name for eval_before)
 
     @contextmanager
     def phase(self, name: str, window: str | None = None) -> Iterator[None]:
@@ -111,9 +113,12 @@ class Record:
         probe = self.run.probe if window and self.run is not None else None
         if probe is not None:
             probe.start()
+        started = time.perf_counter()
         try:
             yield
         finally:
+            key = window or name
+            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - started
             if probe is not None:
                 self._close_window(window, probe)
 
@@ -164,7 +169,7 @@ class Record:
             data = self.data[1]
             cols.update(labels=",".join(data.labels or []) or None, labels_note=data.labels_note,
                         eval_samples=len(data.eval_prompts), train_examples=data.stats["train_examples"],
-                        train_sequences=data.stats["train_sequences"])
+                        train_sequences=data.stats["train_sequences"], data_cached=data.cached)
         if self.loaded is not None:
             cols.update(trainable_params=self.loaded.trainable_params, total_params=self.loaded.total_params,
                         model_revision=self.loaded.revision, optim_effective=self.loaded.optim_effective,
@@ -186,6 +191,8 @@ class Record:
                         accuracy_majority=r.majority_accuracy,
                         eval_loss=self.after.eval_loss, eval_seconds=r.seconds,
                         embedder_revision=self.after.embedder_commit)
+        cols.update({f"{phase}_seconds": self.seconds.get(phase)
+                     for phase in ("setup", "data", "load", "eval_before")})
         cols.update(self._memory_columns(), adapter_path=self.adapter_path, finished_at=_now())
         return make_row(self.cfg, self.experiment_id, self.spec_name, self.attempt,
                         self.predicted_peak_bytes, **cols)

@@ -140,6 +140,14 @@ RUN_COLUMNS: dict[str, pa.DataType] = {
     "labels": pa.string(),
     "labels_note": pa.string(),  # why there is no label set (eval.labels: auto on free text)
     "eval_seconds": pa.float64(),
+    # where a cell's time went outside training and evaluation (docs/performance.md, item 2)
+    "process_start_seconds": pa.float64(),  # the task starting -> the experiment's process running it
+    "preloaded": pa.bool_(),  # that process started with torch and transformers already imported
+    "setup_seconds": pa.float64(),  # device, dtype, imports the process did not have
+    "data_seconds": pa.float64(),  # tokenizer and data (from the cache when data_cached)
+    "data_cached": pa.bool_(),
+    "load_seconds": pa.float64(),  # weights, k-bit preparation, adapters, the Trainer
+    "eval_before_seconds": pa.float64(),
     "adapter_path": pa.string(),
     # provenance
     "qlora_ray_version": pa.string(),

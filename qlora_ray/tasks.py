@@ -1,7 +1,9 @@
 """What runs on Ray: the experiment task, its payload, and the resources a cell asks for.
 
-One fresh worker process per experiment, GPU cells pinned to one card (docs/cluster.md,
-"How `run` uses Ray", says why it is declared the way it is).
+One fresh process per experiment, GPU cells pinned to one card (docs/cluster.md, "How
+`run` uses Ray", says why it is declared the way it is): the Ray worker process, reused
+from task to task, forks it from a warm process that imported torch and transformers once
+(fresh.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ if TYPE_CHECKING:
     from qlora_ray.grid import Spec
 
 # Test hook, not a user option (docs/performance.md): set to 1, every cell returns an `ok`
-# row at once without loading anything, and worker processes are reused, so
+# row at once without loading anything (in the Ray worker itself, no process of its own), so
 # benchmarks/driver_scale.py measures the driver alone over 10,000 cells.
 NOOP_CELLS_ENV = "QLORA_RAY_TEST_NOOP_CELLS"
 
@@ -44,22 +46,29 @@ def experiment_task(payload: dict[str, Any], tracker: Any) -> Any:
     # Ray sets CUDA_VISIBLE_DEVICES only for tasks that reserved a GPU: set_visible_accelerator_ids
     # (ray/_private/utils.py) skips an empty id list unless RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO
     # is set, so a CPU task on a GPU node sees every card, and torch would use GPU 0, which
-    # Ray gave to another task. Hide them before anything imports torch.
+    # Ray gave to another task. Hide them from the experiment's process.
+    env = dict(os.environ)
     if not ray.get_runtime_context().get_accelerator_ids().get("GPU"):
-        os.environ["CUDA_VISIBLE_DEVICES"] = ""
-    from qlora_ray.config import from_dict
-    from qlora_ray.worker import run_experiment
-
+        env["CUDA_VISIBLE_DEVICES"] = ""
+    started = time.time()
     tracker.start.remote(payload["experiment_id"])
-    # Relative dataset paths in a spec are relative to where `run` was started; on the same
-    # machine the worker can follow it there (on a cluster, --working-dir does the same).
-    cwd = payload.pop("cwd", None)
-    if cwd and os.path.isdir(cwd):
-        os.chdir(cwd)
-    cfg = from_dict(ExperimentConfig, payload.pop("config"))
-    output = _noop_output(cfg, payload) if payload.pop("noop", False) else run_experiment(cfg, **payload)
-    output.row["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
-    output.row["worker_pid"] = os.getpid()
+    if payload.pop("noop", False):
+        from qlora_ray.config import from_dict
+
+        output = _noop_output(from_dict(ExperimentConfig, payload.pop("config")), payload)
+        output.row.update(worker_pid=os.getpid(), cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"))
+    else:
+        from qlora_ray import fresh
+
+        # The experiment runs in a fresh process of its own, forked from a process that has
+        # torch and transformers imported already (fresh.py says how and why), with this
+        # task's environment: the GPU Ray gave it, or none. Relative dataset paths in a spec
+        # are relative to where `run` was started; on the same machine the experiment
+        # follows it there (payload["cwd"]; on a cluster, --working-dir does the same).
+        output = fresh.run_in_fresh_process("qlora_ray.fresh:run_cell", {"payload": payload}, env)
+        output.row.update(preloaded=fresh.preloaded(),
+                          process_start_seconds=output.row["started_at"].timestamp() - started)
+    output.row["ray_node_id"] = ray.get_runtime_context().get_node_id()
     return output
 
 
@@ -78,12 +87,13 @@ def _noop_output(cfg: ExperimentConfig, payload: dict[str, Any]) -> Any:
 def remote_functions(max_retries: int) -> tuple[Any, Any, Any]:
     import ray
 
-    # Declared (not just .options()) with num_gpus=1 and max_calls=1: a fresh process per
-    # experiment, pinned to one GPU. CPU cells get max_calls=1 too, so no state leaks.
-    # (No-op test cells load nothing, so they reuse processes: 0 is Ray's "no limit".)
-    calls = 0 if os.environ.get(NOOP_CELLS_ENV) == "1" else 1
-    gpu_task = ray.remote(num_gpus=1, max_calls=calls, max_retries=max_retries)(experiment_task)
-    cpu_task = ray.remote(num_cpus=1, max_calls=calls, max_retries=max_retries)(experiment_task)
+    # Declared (not just .options()) with num_gpus=1: one GPU per task, in
+    # CUDA_VISIBLE_DEVICES. Ray's worker processes are reused (max_calls=0, Ray's "no
+    # limit"; for GPU tasks it would default to 1, a new process per task): they never touch
+    # CUDA, each experiment runs in a fresh process of its own (fresh.py), and a reused
+    # worker keeps the warm process it forks them from.
+    gpu_task = ray.remote(num_gpus=1, max_calls=0, max_retries=max_retries)(experiment_task)
+    cpu_task = ray.remote(num_cpus=1, max_calls=0, max_retries=max_retries)(experiment_task)
     tracker = ray.remote(num_cpus=0)(Tracker)
     return gpu_task, cpu_task, tracker
 

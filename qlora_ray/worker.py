@@ -164,12 +164,16 @@ def resolved_config(cfg: ExperimentConfig, batch_size: int | None) -> Experiment
 
 
 def prepare(run: Run) -> tuple[Any, Any]:
-    """Tokenizer, then the data: a bad dataset fails here, before the model is loaded."""
+    """Tokenizer, then the data: a bad dataset fails here, before the model is loaded.
+
+    The tokenized data comes from the cache when an earlier cell built the same (datacache.py).
+    """
     from qlora_ray import modeling
     from qlora_ray.data import prepare_data
+    from qlora_ray.datacache import prepared
 
     tokenizer = modeling.load_tokenizer(run.cfg, modeling.resolve_model_path(run.cfg.model.name))
-    return tokenizer, prepare_data(run.cfg, tokenizer)
+    return tokenizer, prepared(run.cfg, tokenizer, prepare_data)
 
 
 @dataclass

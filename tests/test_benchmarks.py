@@ -91,3 +91,33 @@ def test_packing_trains_padded_grouped_and_packed_on_the_same_tokens(tmp_path):
     assert run["grouped"]["steps"] == run["padded"]["steps"] == 6
     assert run["packed"]["steps"] < 6
     assert set(out["speedup_cpu"]) == {"grouped", "packed"} and out["best"] in out["speedup_cpu"]
+
+
+
+# The three below start Ray: run this file under the machine's Ray lock, like every test that does.
+
+
+@pytest.mark.slow
+def test_fanout_on_the_embedded_ray(tmp_path):
+    out = bench(tmp_path, "fanout.py", "--cells", "2", "--steps", "1", "--repeat", "1")
+    run = out["runs"][0]
+    assert len(run["cell_wall_s"]) == 2 and run["bound_s"] > 0 and 0 < out["value"] <= 1.0
+    assert run["preloaded"]
+
+
+@pytest.mark.slow
+def test_overhead_cells_start_warm_and_read_cached_data(tmp_path):
+    """Issue 11 item 2: the second cell on a slot starts in a process forked with torch and
+    transformers already imported, and reads the tokenized data the first one built."""
+    out = bench(tmp_path, "overhead.py", "--cells", "2", "--steps", "1", "--repeat", "1", "--no-cold")
+    (cell,) = out["runs"][0]["cells"]
+    assert cell["preloaded"] and cell["data_cached"]
+    assert set(out["parts_median_s"]) == {"scheduling_s", "process_start_s", "setup_s", "data_s", "rest_s",
+                                          "collect_write_s"}
+    assert 0 < out["value"] < cell["period_s"] and out["cold"] is None
+
+
+@pytest.mark.slow
+def test_driver_scale_on_the_embedded_ray(tmp_path):
+    out = bench(tmp_path, "driver_scale.py", "--cells", "5", "15", "--repeat", "1")
+    assert set(out["peak_rss_mb"]) == {"5", "15"} and out["peak_rss_mb"]["15"] > 0
