@@ -9,7 +9,7 @@ it), or a temporary folder when the cache plugin is off. A `QLORA_RAY_CACHE` you
 yourself wins (CI can keep one between jobs).
 
 Tiers: `pytest -m "not slow"` is the quick loop; `slow` marks anything that trains a whole
-cell, starts Ray, a server or a container (README "Tests" has the timings).
+cell, starts Ray, a server, a browser or a container (README "Tests" has the timings).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,12 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_unconfigure(config: pytest.Config) -> None:
     for folder in _temporary:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def ray_tmp() -> Iterator[Path]:
+    """A folder for RAY_TMPDIR/TMPDIR, directly under /tmp: Ray's socket paths under it must
+    fit AF_UNIX's 107 bytes, which pytest's tmp_path can exceed."""
+    folder = Path(tempfile.mkdtemp(prefix="qlr-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

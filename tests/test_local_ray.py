@@ -20,7 +20,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -90,12 +89,9 @@ def loopback(ip: str) -> bool:
     return address.is_loopback or bool(getattr(address, "ipv4_mapped", None) and address.ipv4_mapped.is_loopback)
 
 
-def test_the_embedded_ray_is_private_and_the_readme_local_ray_steps_work_after_it(tmp_path, request):
+def test_the_embedded_ray_is_private_and_the_readme_local_ray_steps_work_after_it(tmp_path, ray_tmp):
     home = tmp_path / "home"
     home.mkdir()
-    # Short: Ray's socket paths under it must stay within AF_UNIX's 107 bytes.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="qlr-"))
-    request.addfinalizer(lambda: shutil.rmtree(ray_tmp, ignore_errors=True))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     # QLORA_RAY_CACHE (the tests' own, tests/conftest.py) comes along with os.environ.
     env.update(HOME=str(home), RAY_TMPDIR=str(ray_tmp), TMPDIR=str(ray_tmp), RAY_USAGE_STATS_ENABLED="0")

@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import os
 import secrets
-import shutil
 import string
 import subprocess
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -42,14 +39,6 @@ def leaks(folder: Path, needle: str) -> list[str]:
         elif path.suffix == ".parquet" and needle in repr(pq.read_table(path).to_pylist()):
             found.append(f"{path} (decoded)")
     return found
-
-
-@pytest.fixture
-def ray_tmp() -> Iterator[Path]:
-    """Ray's session folder, short: its socket paths must fit AF_UNIX's 107 bytes."""
-    folder = Path(tempfile.mkdtemp(prefix="qrs-", dir="/tmp"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_a_canary_hf_token_appears_in_no_row_sample_log_report_or_message(tmp_path: Path, ray_tmp: Path) -> None:
