@@ -25,6 +25,11 @@ DEFAULT_UNSCHEDULABLE_TIMEOUT = 600.0
 # refreshes every 5 s, AUTOSCALER_UPDATE_INTERVAL_S).
 NODE_CHECK_INTERVAL_S = 2.0
 PROGRESS_INTERVAL_S = 1.0
+# Cells of one resource shape (GPU type, or CPU) out at Ray at once, at most: Ray's owner (this
+# process) keeps every submitted task until it returns, and its memory does not shrink after
+# (docs/performance.md, item 6). Far above the slots of one card type, so Ray and the
+# autoscaler see a long queue of each type all the same.
+SUBMIT_WINDOW = 1000
 
 
 @dataclass
@@ -77,7 +82,7 @@ def run_cells(
     gpu_task, cpu_task, tracker_cls = remote_functions(max_retries)
     tracker = tracker_cls.remote()
     rows: dict[str, dict[str, Any]] = {}
-    pending = Dispatcher(todo, max_parallel=max_parallel)
+    pending = Dispatcher(todo, max_parallel=max_parallel, window=SUBMIT_WINDOW, shape=_shape)
     running: dict[Any, Cell] = {}
     progress = Progress(len(todo), out)
     interrupted = False
@@ -105,6 +110,9 @@ def run_cells(
             for ref in done:
                 cell = running.pop(ref)
                 row, samples, retry_steps = _collect(ref, cell, spec)
+                # A live ObjectRef pins the task's result (row and samples) in this process;
+                # the Cell lives on in the run's list, so it must not keep one.
+                cell.ref = None
                 if retry_steps is not None:
                     # An OOM back-off that must not reuse the failed process (the worker says
                     # why in the row's error): the same cell again, in a fresh one.
@@ -112,6 +120,7 @@ def run_cells(
                     cell.backoff_steps = retry_steps
                     pending.requeue(cell)
                     continue
+                pending.finished(cell)
                 row.update(cell.predicted)
                 writer.write(row, samples)
                 # The summary's columns only: the full rows are on disk, and a driver that kept
@@ -120,7 +129,8 @@ def run_cells(
                 progress.finished(row)
             writer.retry()
 
-            _expire_unschedulable(running, rows, spec, writer, waits, progress)
+            for cell in _expire_unschedulable(running, rows, spec, writer, waits, progress):
+                pending.finished(cell)
             if time.monotonic() >= progress.next_show:
                 # At most once a second: the tracker's answer and the counts grow with the grid.
                 progress.next_show = time.monotonic() + PROGRESS_INTERVAL_S
@@ -185,14 +195,15 @@ def _expire_unschedulable(
     writer: RowWriter,
     waits: Any,
     progress: Progress,
-) -> None:
+) -> list[Cell]:
+    """Give up on cells no node can run and none is coming for (`unschedulable` rows); returns them."""
     import ray
 
     from qlora_ray.cluster import unschedulable_reason
 
     now = time.monotonic()
     if now < waits.next_check or not running:
-        return
+        return []
     waits.next_check = now + NODE_CHECK_INTERVAL_S
     nodes = ray.nodes()
     stuck = []
@@ -203,9 +214,10 @@ def _expire_unschedulable(
         else:
             stuck.append(cell)
     if not stuck:
-        return
+        return []
     view = waits.view()
     limit = waits.limit(view)
+    expired = []
     for cell in stuck:
         if view.coming_for(cell.resources):
             cell.waiting_since = now  # the clock starts once nothing is coming for it
@@ -220,6 +232,15 @@ def _expire_unschedulable(
         writer.write(row)
         rows[cell.experiment_id] = row
         progress.finished(row)
+        expired.append(cell)
+    return expired
+
+
+def _shape(cell: Cell) -> str:
+    """The resource shape a cell queues in at Ray: its card type, any GPU, or CPU slots."""
+    if cell.profile is not None and cell.profile.is_gpu:
+        return accelerator_type(cell.profile, cell.config.emulate_profile) or "GPU"
+    return "CPU"
 
 
 def _prebuild_builtin_models(cells: list[Cell]) -> None:

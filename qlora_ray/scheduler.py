@@ -152,7 +152,11 @@ def run_spec(
                          plan.profile, attempt, predicted=predicted))
     # Longest predicted first (dispatch.py says why; the scheduling simulation runs it too).
     todo = submission_order(todo)
-    print(f"{spec.name}: {len(plans)} cells, {len(kept)} already have a row, {len(todo)} to run "
+    # Each cell has its predictions now; only the ids' order is needed later, and the
+    # plans' breakdowns would stay in memory through a 10,000-cell run.
+    ids = [p.experiment_id for p in plans]
+    del plans, existing, unfit
+    print(f"{spec.name}: {len(ids)} cells, {len(kept)} already have a row, {len(todo)} to run "
           f"-> {shown}/{spec.name}/runs/", file=out)
 
     rows = dict(kept)
@@ -165,10 +169,10 @@ def run_spec(
         )
         rows.update(new_rows)
     _flush(writer, out)
-    ordered = [rows[p.experiment_id] for p in plans if p.experiment_id in rows]
+    ordered = [rows[i] for i in ids if i in rows]
     print_summary(ordered, out)
     print(f"results: {shown}/{spec.name}/runs/  (pandas.read_parquet reads the folder)", file=out)
-    missing = len(plans) - len(ordered)
+    missing = len(ids) - len(ordered)
     if missing:
         print(f"interrupted: {missing} cell(s) have no row yet; rerun the same command to resume",
               file=out)

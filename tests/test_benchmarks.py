@@ -57,6 +57,22 @@ def test_dispatch_longest_predicted_first_stable_unpredicted_last_and_max_parall
         Dispatcher(cells, max_parallel=0)
 
 
+def test_dispatch_window_bounds_each_shape_out_and_starves_none():
+    """Issue 11 item 6: the driver hands Ray at most `window` cells of a shape at a time (its
+    memory grew with every task out at once), and a long queue of one GPU type never holds
+    back another type's cells."""
+    cells = [Cell(f"a{i}", 100 - i) for i in range(6)] + [Cell(f"t{i}", 10 - i) for i in range(3)]
+    gate = Dispatcher(cells, window=2, shape=lambda c: c.name[0])
+    assert [c.name for c in gate.release(running=0)] == ["a0", "a1", "t0", "t1"]
+    assert gate.release(running=4) == [] and len(gate) == 5
+    gate.finished(cells[0])  # an A100 cell came back: the next one goes, in order
+    assert [c.name for c in gate.release(running=3)] == ["a2"]
+    gate.requeue(cells[6])  # a T4 cell comes back for a retry: it goes again first
+    assert [c.name for c in gate.release(running=3)] == ["t0"]
+    with pytest.raises(ValueError, match="window"):
+        Dispatcher(cells, window=0)
+
+
 def test_schedule_sim_runs_the_driver_dispatch_on_a_clock(tmp_path):
     out = bench(tmp_path, "schedule_sim.py", "--cells", "200", "--repeat", "1")
     assert out["cells"] == 200 and all(out["cells_per_gpu"].values())
