@@ -530,18 +530,18 @@ def _raylet_of(tag: str) -> psutil.Process:
 WINDOW_RUN = """
 import io, json, sys
 import ray
-from qlora_ray import scheduler
+from qlora_ray import driver, scheduler
 
-# A window of 3 and no-op cells (scheduler.NOOP_CELLS_ENV: each returns its row at once), so
+# A window of 3 and no-op cells (QLORA_RAY_TEST_NOOP_CELLS: each returns its row at once), so
 # only the driver is exercised; after each collected cell, the object refs this process
 # still holds (what `ray memory` lists for it: refs in scope pin their objects here).
-scheduler.SUBMIT_WINDOW = 3
-live, collect = [], scheduler._collect
+driver.SUBMIT_WINDOW = 3
+live, collect = [], driver._collect
 def counting(ref, cell, spec):
     out = collect(ref, cell, spec)
     live.append(len(ray._private.worker.global_worker.core_worker.get_all_reference_counts()))
     return out
-scheduler._collect = counting
+driver._collect = counting
 code = scheduler.run_spec(sys.argv[1], results=sys.argv[2], address=sys.argv[3], out=io.StringIO())
 print(json.dumps({"code": code, "live": live}))
 """
