@@ -25,7 +25,7 @@ from qlora_ray.config import (
     problem,
     set_dotted,
 )
-from qlora_ray.profiles import GpuProfile, get_profile, preset_overrides
+from qlora_ray.profiles import GpuProfile, get_profile, new_card_defaults, preset_overrides
 
 SPEC_KEYS = ("name", "base", "grid", "paired", "seeds", "exclude", "runs", "profiles", "description",
              "preset")
@@ -306,7 +306,8 @@ def _excludes(rules: Any, problems: list[str]) -> list[dict[str, Any]]:
 def _profiles(raw: Any, problems: list[str]) -> dict[str, GpuProfile]:
     """`profiles: {MyCard: {total_mib: 24576, bf16: true, ...}}` adds or overrides profiles.
 
-    An entry for a built-in card changes only the keys it gives; a new card needs `total_mib`.
+    An entry for a built-in card changes only the keys it gives; a new card needs `total_mib`
+    and `compute_capability` (`profiles.new_card_defaults`).
     Each is built by `from_dict`, so it is checked like every other section.
     """
     if raw is None:
@@ -326,10 +327,15 @@ def _profiles(raw: Any, problems: list[str]) -> dict[str, GpuProfile]:
             problems.append(problem(f"{key}.name", fields["name"], "is the entry's key already",
                                     "remove it (rename the entry instead)"))
             continue
+        if isinstance(fields, dict) and isinstance(fields.get("compute_capability"), int | float) and not \
+                isinstance(fields["compute_capability"], bool):
+            # YAML reads `compute_capability: 8.9` as a number; it means the string.
+            fields = {**fields, "compute_capability": str(fields["compute_capability"])}
         try:
             base = dataclasses.asdict(get_profile(name, key=key))
         except ConfigError:  # a new card: from_dict asks for what has no default (total_mib)
-            base = {"ray_accelerator_type": name}
+            base, missing = new_card_defaults(name, fields, key)
+            problems.extend(missing)
         merged = {**base, **fields, "name": name} if isinstance(fields, dict) else fields
         try:
             out[name] = from_dict(GpuProfile, merged, prefix=f"{key}.")

@@ -31,7 +31,8 @@ class GpuProfile(Validated):
     flash_attention: bool = _f(False, "FlashAttention-2 kernels (Ampere or newer).")
     ray_accelerator_type: str | None = _f(
         None, "Ray resource label: the task asks for `accelerator_type:<this>` (a new card: its name).")
-    compute_capability: str = _f("0.0", "CUDA compute capability, MAJOR.MINOR (e.g. 8.6).")
+    compute_capability: str = _f(
+        "0.0", "CUDA compute capability, MAJOR.MINOR (e.g. 8.6; a new card must give it).")
     peak_tflops: float | None = _f(
         None, "Dense FP16/BF16 tensor-core peak, TFLOPS (datasheet, without sparsity).")
     peak_fp32_tflops: float | None = _f(
@@ -124,6 +125,27 @@ ALIASES = {
     "A6000": "RTX-A6000", "H100-80G": "H100",
 }
 
+
+
+def new_card_defaults(name: str, fields: Any, key: str) -> tuple[dict[str, Any], list[str]]:
+    """Where a `profiles:` entry for a card qlora-ray does not know starts from.
+
+    Its Ray label is its name, and bf16 and FlashAttention-2 follow its compute capability
+    (8.0, Ampere, and newer), which it must give: the planner decides from it which kernels
+    and dtypes the card has.
+    """
+    base: dict[str, Any] = {"ray_accelerator_type": name}
+    cc = fields.get("compute_capability") if isinstance(fields, dict) else None
+    if cc is None:
+        return base, [problem(f"{key}.compute_capability", None,
+                              "is required for a card qlora-ray does not know (it decides which "
+                              "kernels and dtypes the card has)",
+                              "add it: MAJOR.MINOR, as `nvidia-smi --query-gpu=compute_cap "
+                              "--format=csv` prints it, e.g. 8.9")]
+    if isinstance(cc, str) and _CAPABILITY.fullmatch(cc):
+        ampere = int(cc.split(".")[0]) >= 8
+        base.update(bf16=ampere, flash_attention=ampere)
+    return base, []
 
 
 def get_profile(

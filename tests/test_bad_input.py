@@ -127,6 +127,10 @@ CASES = [
          ["`profiles.MyCard.total_mib` must be <= 16,777,216, got 24000000000"]),
     Case("profile-capability", spec(top="profiles:\n  T4: {compute_capability: eight}\n"),
          ["`profiles.T4.compute_capability` must be MAJOR.MINOR, got 'eight'; write e.g. 8.6"]),
+    # Without it the planner took 0.0 and refused every cell for want of kernels.
+    Case("profile-new-card-without-capability", spec(top="profiles:\n  MyCard: {total_mib: 1024}\n"),
+         ["`profiles.MyCard.compute_capability` is required for a card qlora-ray does not know",
+          "add it: MAJOR.MINOR"]),
     Case("profile-new-card-without-memory", spec(top="profiles:\n  MyCard: {bf16: true}\n"),
          ["`profiles.MyCard.total_mib` is required, got None; add it: Card memory as nvidia-smi reports it"]),
     # --- datasets: read once, before Ray, with file, line and field

@@ -108,11 +108,22 @@ def test_spec_profiles_add_and_override() -> None:
         "base": {"model": "builtin:tiny-llama"},
         "grid": {"gpu": ["T4", "MyCard"]},
         "profiles": {"T4": {"total_mib": 8000},
-                     "MyCard": {"total_mib": 12000, "bf16": True, "flash_attention": False}},
+                     "MyCard": {"total_mib": 12000, "compute_capability": "8.6", "flash_attention": False}},
     })
     assert get_profile("T4", spec.profiles).total_mib == 8000
     assert get_profile("T4", spec.profiles).bf16 is False  # the rest comes from the built-in
     assert get_profile("MyCard", spec.profiles).bf16 is True
+
+
+@pytest.mark.parametrize(("written", "ampere"), [(8.9, True), ("8.0", True), (7.5, False)])
+def test_a_new_card_takes_bf16_and_flash_attention_from_its_compute_capability(written, ampere) -> None:
+    # YAML reads `compute_capability: 8.9` as a number: it is taken as the string it means.
+    spec = expand({"name": "custom", "base": {"model": "builtin:tiny-llama", "gpu": "RTX-4090"},
+                   "profiles": {"RTX-4090": {"total_mib": 24564, "compute_capability": written}}})
+    card = get_profile("RTX-4090", spec.profiles)
+    assert card.compute_capability == str(written)
+    assert (card.bf16, card.flash_attention) == (ampere, ampere)
+    assert card.ray_accelerator_type == "RTX-4090"
 
 
 def test_seed_preset_values() -> None:

@@ -192,7 +192,7 @@ def test_spec_prices_and_speeds_override_the_builtins(tmp_path: Path) -> None:
         "name": "t", "base": {"model": "builtin:tiny-llama", "quant": {"compute_dtype": "float16"}},
         "grid": {"gpu": ["T4", "MyCard"]},
         "profiles": {"T4": {"usd_per_hour": 0.35},
-                     "MyCard": {"total_mib": 24000, "bf16": True, "flash_attention": True,
+                     "MyCard": {"total_mib": 24000, "compute_capability": "8.6", "bf16": True, "flash_attention": True,
                                 "ray_accelerator_type": "X"}},
     }))
     plans = {p.name: p for p in plan_spec(load_spec(path))}
