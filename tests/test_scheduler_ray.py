@@ -291,7 +291,11 @@ def test_a_worker_process_that_dies_is_retried(cluster, tmp_path):
 
 
 def test_ctrl_c_stops_cleanly_and_keeps_written_rows(cluster, tmp_path):
-    spec = write_spec(tmp_path / "sigint.yaml", "sigint", grid={"lora.r": [2, 4, 8]})
+    # Cells long enough for Ctrl-C to land mid-cell: cancelling a task in the instant it
+    # completes trips a check in Ray's owner (task_manager.cc "Tried to complete task that
+    # was not pending"), and 2-step cells that import nothing finish in about a second.
+    spec = write_spec(tmp_path / "sigint.yaml", "sigint", grid={"lora.r": [2, 4, 8]},
+                      base={**FAST_BASE, "train": {**FAST_BASE["train"], "max_steps": 30}})
     results = tmp_path / "results"
     runs = results / "sigint" / "runs"
     args = [str(BIN / "qlora-ray"), "run", str(spec), "--results", str(results),
