@@ -130,7 +130,9 @@ def test_overhead_cells_start_warm_and_read_cached_data(tmp_path):
     assert cell["preloaded"] and cell["data_cached"]
     assert set(out["parts_median_s"]) == {"scheduling_s", "process_start_s", "setup_s", "data_s", "rest_s",
                                           "collect_write_s"}
-    assert 0 < out["value"] < cell["period_s"] and out["cold"] is None
+    # The gap between two row writes minus the second cell's measured phases: slightly
+    # negative when the driver writes a row after the slot's next cell has already started.
+    assert abs(out["value"]) < cell["period_s"] and out["cold"] is None
 
 
 @pytest.mark.slow
