@@ -31,12 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qlora_ray import builtin
 from qlora_ray.config import ExperimentConfig, to_dict
 from qlora_ray.datacheck import is_local
 
 log = logging.getLogger(__name__)
 
-CACHE_ENV = "QLORA_RAY_CACHE"
+CACHE_ENV = builtin.CACHE_ENV
 ENABLED_ENV = "QLORA_RAY_DATA_CACHE"
 # The modules whose code decides the tokens: a change to any of them changes the key.
 CODE = ("data.py", "encoding.py", "datacheck.py", "datacache.py")
@@ -44,7 +45,7 @@ TABLES = ("train", "eval")
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "qlora-ray") / "data"
+    return builtin.cache_root() / "data"  # the same $QLORA_RAY_CACHE as the built-in models
 
 
 def key(cfg: ExperimentConfig, tokenizer: Any) -> str | None:

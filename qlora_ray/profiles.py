@@ -82,10 +82,15 @@ class GpuProfile(Validated):
         return self.name != "cpu"
 
 
+def _ampere_or_newer(cc: str) -> bool:
+    """bf16 and FlashAttention-2 kernels: compute capability 8.0 and newer."""
+    return int(cc.split(".")[0]) >= 8
+
+
 def _p(name: str, mib: int, cc: str, ray_type: str | None, tflops: float, fp32: float, gbs: float,
        usd: float | None) -> GpuProfile:
-    major = int(cc.split(".")[0])
-    return GpuProfile(name, mib, bf16=major >= 8, flash_attention=major >= 8,
+    ampere = _ampere_or_newer(cc)
+    return GpuProfile(name, mib, bf16=ampere, flash_attention=ampere,
                       ray_accelerator_type=ray_type, compute_capability=cc, peak_tflops=tflops,
                       peak_fp32_tflops=fp32, memory_bandwidth_gbs=gbs, usd_per_hour=usd)
 
@@ -143,7 +148,7 @@ def new_card_defaults(name: str, fields: Any, key: str) -> tuple[dict[str, Any],
                               "add it: MAJOR.MINOR, as `nvidia-smi --query-gpu=compute_cap "
                               "--format=csv` prints it, e.g. 8.9")]
     if isinstance(cc, str) and _CAPABILITY.fullmatch(cc):
-        ampere = int(cc.split(".")[0]) >= 8
+        ampere = _ampere_or_newer(cc)
         base.update(bf16=ampere, flash_attention=ampere)
     return base, []
 
