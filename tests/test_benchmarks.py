@@ -131,8 +131,10 @@ def test_overhead_cells_start_warm_and_read_cached_data(tmp_path):
     assert set(out["parts_median_s"]) == {"scheduling_s", "process_start_s", "setup_s", "data_s", "rest_s",
                                           "collect_write_s"}
     # The gap between two row writes minus the second cell's measured phases: slightly
-    # negative when the driver writes a row after the slot's next cell has already started.
-    assert abs(out["value"]) < cell["period_s"] and out["cold"] is None
+    # negative when the driver writes a row after the slot's next cell has already started,
+    # and the gap itself can be under 0.1 s with one-step cells. Well under the ~5 s a cold
+    # start costs here is what a warm start shows.
+    assert abs(out["value"]) < 2.0 and out["cold"] is None
 
 
 @pytest.mark.slow
