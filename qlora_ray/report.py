@@ -44,6 +44,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, metavar="DIR",
                         help="Where to write report.md, report.html and the PNGs "
                              "(default: the results folder).")
+    parser.add_argument("--no-plots", action="store_true",
+                        help="Print and write the table without drawing the PNG plots (about a "
+                             "second faster; matplotlib is not imported). PNGs an earlier report "
+                             "wrote are left as they were.")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -52,7 +56,12 @@ def main(args: argparse.Namespace) -> int:
     except ReportError as e:
         print(f"qlora-ray report: {e}", file=sys.stderr)
         return e.code
-    plots = draw_plots(report)
+    if args.no_plots:
+        plots: dict[str, bytes] = {}
+        report.notes.append("Plots not drawn (--no-plots); report-*.png files in this folder, "
+                            "if any, are from an earlier report.")
+    else:
+        plots = draw_plots(report)
     render = {"markdown": render_markdown, "csv": render_csv, "html": render_html}[args.format]
     print(render(report, plots))
     if args.format != "markdown":

@@ -23,8 +23,9 @@ from qlora_ray.cli import main as cli
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def run_report(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = cli(["report", *args])
+def run_report(capsys: pytest.CaptureFixture[str], *args: str, plots: bool = False) -> tuple[int, str, str]:
+    """`qlora-ray report ARGS`; without the plots (a second each) unless the test looks at them."""
+    code = cli(["report", *args, *([] if plots else ["--no-plots"])])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -53,7 +54,7 @@ def test_report_files_replace_old_ones_whole_with_no_temporaries_left(
 ) -> None:
     spec = Path(write_rows(str(tmp_path / "results"), grid_rows()))
     (spec / "report.md").write_text("stale")
-    assert run_report(capsys, str(spec))[0] == 0
+    assert run_report(capsys, str(spec), plots=True)[0] == 0
     assert (spec / "report.md").read_text().startswith("# qlora-ray report:")
     assert sorted(p.name for p in spec.iterdir() if p.is_file()) == sorted(
         ["report.md", "report.html", *(f for f, _ in report.PLOTS.values())])
@@ -192,7 +193,7 @@ def test_report_md_holds_no_markup_from_rows(tmp_path: Path, capsys: pytest.Capt
 
 def test_gpu_labels_with_dollar_signs_draw_as_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     spec = Path(write_rows(str(tmp_path / "results"), hostile_rows()))
-    code, _, err = run_report(capsys, str(spec))
+    code, _, err = run_report(capsys, str(spec), plots=True)
     assert code == 0, err
     for filename, _ in report.PLOTS.values():
         assert (spec / filename).read_bytes().startswith(PNG_MAGIC)

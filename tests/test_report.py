@@ -31,8 +31,9 @@ def spec_dir(tmp_path: Path) -> Path:
     return Path(write_rows(str(tmp_path / "results"), grid_rows()))
 
 
-def run_report(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = cli(["report", *args])
+def run_report(capsys: pytest.CaptureFixture[str], *args: str, plots: bool = False) -> tuple[int, str, str]:
+    """`qlora-ray report ARGS`; without the plots (a second each) unless the test looks at them."""
+    code = cli(["report", *args, *([] if plots else ["--no-plots"])])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -219,7 +220,7 @@ def test_csv_has_the_tables_numbers_unformatted(spec_dir: Path, capsys: pytest.C
 
 
 def test_report_writes_markdown_html_and_valid_pngs(spec_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_report(capsys, str(spec_dir))
+    code, _, err = run_report(capsys, str(spec_dir), plots=True)
     assert code == 0
     md = (spec_dir / "report.md").read_text()
     assert md.startswith("# qlora-ray report: rank-vs-gpu") and "| lora16-r8-bs4-T4 " in md
@@ -238,17 +239,32 @@ def test_report_writes_markdown_html_and_valid_pngs(spec_dir: Path, capsys: pyte
     assert str(spec_dir / "report.html") in err
 
 
+def test_no_plots_writes_the_table_and_leaves_earlier_pngs_alone(spec_dir: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    earlier = spec_dir / PLOT_FILES[0]
+    earlier.write_bytes(PNG_MAGIC + b"from an earlier report")
+    code, out, _ = run_report(capsys, str(spec_dir))  # run_report passes --no-plots
+    assert code == 0
+    assert "| lora16-r8-bs4-T4 " in out
+    assert "Plots not drawn (--no-plots)" in out
+    md = (spec_dir / "report.md").read_text()
+    assert "| lora16-r8-bs4-T4 " in md and "![" not in md
+    assert "data:image/png" not in (spec_dir / "report.html").read_text()
+    assert earlier.read_bytes() == PNG_MAGIC + b"from an earlier report"
+    assert not any((spec_dir / name).exists() for name in PLOT_FILES[1:])
+
+
 def test_out_option_and_runs_folder_argument(spec_dir: Path, tmp_path: Path,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     out_dir = tmp_path / "elsewhere"
-    code, _, _ = run_report(capsys, str(spec_dir / "runs"), "--out", str(out_dir))
+    code, _, _ = run_report(capsys, str(spec_dir / "runs"), "--out", str(out_dir), plots=True)
     assert code == 0
     assert {p.name for p in out_dir.iterdir()} == {"report.md", "report.html", *PLOT_FILES}
     assert not (spec_dir / "report.md").exists()
 
 
 def test_html_format_prints_the_self_contained_page(spec_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = run_report(capsys, str(spec_dir), "--format", "html")
+    code, out, _ = run_report(capsys, str(spec_dir), "--format", "html", plots=True)
     assert code == 0 and out.startswith("<!doctype html>")
     assert "data:image/png;base64," in out and "<td" in out
 
@@ -264,7 +280,7 @@ def test_a_folder_of_only_failures_and_cpu_rows_reports_without_crashing(
                grad_accum=None, epochs=None, started_at=None),
         failed("d", "skipped", None, gpu=None, predicted_peak_bytes=None, spec_name=None),
     ])
-    code, out, _ = run_report(capsys, spec)
+    code, out, _ = run_report(capsys, spec, plots=True)
     rows = by_name(parse_markdown(out))
     assert code == 0
     assert set(rows) == {"a", "b", "c", "d"}
@@ -286,7 +302,7 @@ def test_cpu_runs_without_a_gpu_profile_get_a_plot_panel(tmp_path: Path,
             predicted_peak_bytes=int(0.3 * GIB), similarity_score=0.3 - r / 100)
         for r in (4, 8)
     ])
-    code, out, _ = run_report(capsys, spec)
+    code, out, _ = run_report(capsys, spec, plots=True)
     rows = by_name(parse_markdown(out))
     assert code == 0
     assert rows["cpu-r4"]["Card size ratio"] == report_frame.MISSING and rows["cpu-r4"]["GPU"] == "cpu"
@@ -387,7 +403,7 @@ needs_chromium = pytest.mark.skipif(
 def test_report_html_opens_in_chromium_with_every_image_loaded(
     spec_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert run_report(capsys, str(spec_dir))[0] == 0
+    assert run_report(capsys, str(spec_dir), plots=True)[0] == 0
     # Alone in an empty folder: a self-contained page needs none of the files written beside it.
     alone = tmp_path / "mailed"
     alone.mkdir()
@@ -407,7 +423,7 @@ def test_the_chromium_check_catches_an_image_that_does_not_load(
     spec_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The control for the test above: a report pointing at a PNG file instead of embedding it.
-    assert run_report(capsys, str(spec_dir))[0] == 0
+    assert run_report(capsys, str(spec_dir), plots=True)[0] == 0
     page = spec_dir / "report.html"
     page.write_text(re.sub(r'src="data:image/png;base64,[^"]*"', 'src="report-memory.png"',
                            page.read_text(), count=1))

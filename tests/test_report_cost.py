@@ -47,8 +47,9 @@ def spec_dir(tmp_path: Path) -> Path:
     return Path(write_rows(str(tmp_path / "results"), rows))
 
 
-def report(capsys: pytest.CaptureFixture[str], *args: str) -> str:
-    assert cli(["report", *args]) == 0
+def report(capsys: pytest.CaptureFixture[str], *args: str, plots: bool = False) -> str:
+    """`qlora-ray report ARGS`'s stdout; without the plots unless the test looks at them."""
+    assert cli(["report", *args, *([] if plots else ["--no-plots"])]) == 0
     return capsys.readouterr().out
 
 
@@ -88,7 +89,7 @@ def test_quality_against_cost_plot_and_its_pareto_front(spec_dir: Path,
     # dearer than the T4; worse-L4 is the cheapest of all (0.6 h) so it is on the front too.
     assert front["cheap-T4"] and not front["fast-A100"] and not front["meh-L4"] and front["worse-L4"]
     assert pd.isna(front["oom-T4"])
-    report(capsys, str(spec_dir))
+    report(capsys, str(spec_dir), plots=True)
     with Image.open(spec_dir / COST_PNG) as im:
         assert im.width > 300 and len(im.convert("RGB").getcolors(maxcolors=1_000_000) or []) > 20
     assert COST_PNG in (spec_dir / "report.md").read_text()
@@ -100,6 +101,6 @@ def test_without_prices_the_plot_uses_hours_and_the_table_has_no_dollars(
             row("cpu-b", gpu=None, device="cpu", predicted_seconds=50.0, train_seconds=60.0,
                 similarity_score=0.3)]
     spec_dir = Path(write_rows(str(tmp_path / "results"), rows))
-    out = report(capsys, str(spec_dir))
+    out = report(capsys, str(spec_dir), plots=True)
     assert "| Cost" not in out and "Predicted time (error)" in out
     assert (spec_dir / COST_PNG).is_file()
