@@ -20,7 +20,7 @@ from qlora_ray.config import ExperimentConfig, from_dict
 from qlora_ray.device import cpu_device
 from qlora_ray.train import make_trainer, train
 
-STEPS = 20
+STEPS = 8
 LR = 1e-3
 
 
@@ -50,7 +50,7 @@ def learning_rates(warmup_ratio: float, scheduler: str) -> list[float]:
 @pytest.mark.parametrize("scheduler", ["linear", "cosine", "constant_with_warmup"])
 def test_the_scheduler_warms_up_over_the_configured_share_of_steps(scheduler):
     lrs = learning_rates(0.25, scheduler)
-    warmup = math.ceil(STEPS * 0.25)  # 5 steps
+    warmup = math.ceil(STEPS * 0.25)  # 2 steps
     assert len(lrs) == STEPS
     # A linear ramp from 0: the rate logged after step k is LR * k / warmup.
     assert lrs[:warmup] == pytest.approx([LR * k / warmup for k in range(warmup)])
@@ -63,5 +63,5 @@ def test_the_default_ratio_is_a_short_warmup_not_none():
     cfg = ExperimentConfig()
     assert cfg.train.warmup_ratio == 0.03
     lrs = learning_rates(cfg.train.warmup_ratio, "linear")
-    # ceil(20 x 0.03) = 1 warmup step: the first step runs at 0, the second at the peak.
+    # ceil(8 x 0.03) = 1 warmup step: the first step runs at 0, the second at the peak.
     assert lrs[0] == 0 and lrs[1] == pytest.approx(LR)
