@@ -1,6 +1,7 @@
 """Less padding, more tokens (issue 11 item 4): padded, length-grouped, packed batches, skewed lengths.
 
     .venv/bin/python benchmarks/packing.py [--epochs 2] [--repeat 3] [--packed-batch-size 1]
+    .venv/bin/python benchmarks/packing.py --model wide [--factor 4]   # results/packing_wide.json
 
 The data: the shipped generator's rows (experiments/data/make_fin_sentiment.py, the same
 400 rows as fin_sentiment.jsonl), each headline preceded by a skewed number of the
@@ -14,11 +15,26 @@ The runs: qlora-ray's `worker.run_experiment` on the quickstart's `qlora-nf4` re
 - `grouped`: `train.group_by_length: true`, batches of 4 rows of similar length
   (transformers' LengthGroupedSampler): the same examples in the same number of optimizer
   steps, only less padding;
+- `padding_free`: `train.padding_free: true`, the padded run's own random batches of 4,
+  each laid end to end in one row without padding (positions restarting per example,
+  attention kept inside each): the same examples in the same batches and steps, no padding;
 - `packed`: `dataset.packing: true`, whole examples laid end to end into 512-token rows
   (positions restarting per example, attention kept inside each), `--packed-batch-size`
   of those per step (default 1: about 7 examples, the nearest packing gets to the padded
   run's 4 per step; the step count is in the results).
 The order rotates every repeat.
+
+The model: `builtin` (default), the built-in tiny Llama (hidden size 128); or `wide`, the
+same model widened `--factor` times by benchmarks/wide_model.py (it computes the same
+function, so it has learned what the tiny one has, but each token costs ~16x the matmul
+work, as on a real model where per-token work dominates a step).
+
+Where the time goes: each run also counts the CPU seconds spent inside the Trainer's
+`training_step` (forward and backward) and the tokens it computed on (padding included);
+a least-squares fit over every run of CPU = a x steps + b x computed tokens splits a
+cell's training time into a fixed cost per optimizer step (`a`: the optimizer, gradient
+clipping, per-module work that does not grow with the batch) and a cost per computed
+token (`b`), and gives the speedup each variant would have with no fixed cost.
 
 All three train on the same examples the same number of epochs, so the same real tokens
 (checked); the speed figure of a variant is the median per repeat of real tokens per CPU
@@ -47,6 +63,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _result import report
 from vs_plain import WORKER, last_json
 
+# WORKER plus the CPU seconds and computed tokens (padding included) of every training step.
+STEP_PROBE = """
+import resource as _r
+from transformers import Trainer as _T
+_ts, _probe = _T.training_step, {"cpu": 0.0, "tokens": 0}
+def _step(self, model, inputs, *args, **kwargs):
+    r0 = _r.getrusage(_r.RUSAGE_SELF)
+    try:
+        return _ts(self, model, inputs, *args, **kwargs)
+    finally:
+        r1 = _r.getrusage(_r.RUSAGE_SELF)
+        _probe["cpu"] += r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime
+        _probe["tokens"] += int(inputs["input_ids"].numel())
+_T.training_step = _step
+"""
+_OUT = "print(json.dumps({"
+assert _OUT in WORKER, "vs_plain.WORKER changed: update packing.PROBED_WORKER"
+PROBED_WORKER = STEP_PROBE + WORKER.replace(
+    _OUT, _OUT + '"step_cpu_seconds": _probe["cpu"], "computed_tokens": _probe["tokens"], ')
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 1.5
 LOSS_TOLERANCE = 0.02
@@ -67,22 +103,23 @@ def skewed_rows(seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
-VARIANTS = ("padded", "grouped", "packed")
+VARIANTS = ("padded", "grouped", "padding_free", "packed")
 
 
 def spec(data: Path, epochs: int, variant: str, train_rows: int | None = None,
-         eval_rows: int | None = None, packed_batch_size: int = 1) -> dict:
+         eval_rows: int | None = None, packed_batch_size: int = 1, model: str = "builtin:tiny-llama") -> dict:
     packing = variant == "packed"
     return {
         "name": "packing",
         "base": {
-            "model": "builtin:tiny-llama",
+            "model": model,
             "dataset": {"path": str(data), "eval_size": 64, "packing": packing,
                         "max_train_samples": train_rows},
             "quant": {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
             "train": {"epochs": epochs, "batch_size": packed_batch_size if packing else 4,
-                      "group_by_length": variant == "grouped", "grad_accum": 1, "learning_rate": 2.0e-3,
+                      "group_by_length": variant == "grouped", "padding_free": variant == "padding_free",
+                      "grad_accum": 1, "learning_rate": 2.0e-3,
                       "max_grad_norm": 1.0, "max_seq_len": 512, "optim": "paged_adamw_8bit",
                       "gradient_checkpointing": True},
             "eval": {"max_new_tokens": 16, "before": False, "max_samples": eval_rows},
@@ -91,7 +128,18 @@ def spec(data: Path, epochs: int, variant: str, train_rows: int | None = None,
 
 
 def run(spec_path: Path) -> dict:
-    return last_json([sys.executable, "-c", WORKER, str(spec_path)])
+    return last_json([sys.executable, "-c", PROBED_WORKER, str(spec_path)])
+
+
+def step_cost_fit(runs: list[dict]) -> tuple[float, float]:
+    """Least squares of CPU = a x steps + b x computed tokens over the runs: (a, b) in seconds."""
+    sxx = sum(r["steps"] ** 2 for r in runs)
+    syy = sum(r["computed_tokens"] ** 2 for r in runs)
+    sxy = sum(r["steps"] * r["computed_tokens"] for r in runs)
+    sxc = sum(r["steps"] * r["cpu_seconds"] for r in runs)
+    syc = sum(r["computed_tokens"] * r["cpu_seconds"] for r in runs)
+    det = sxx * syy - sxy ** 2
+    return (sxc * syy - syc * sxy) / det, (syc * sxx - sxc * sxy) / det
 
 
 def main() -> int:
@@ -101,20 +149,30 @@ def main() -> int:
     ap.add_argument("--packed-batch-size", type=int, default=1, help="packed 512-token rows per step")
     ap.add_argument("--train-rows", type=int, default=None, help="cap on training rows (smoke tests)")
     ap.add_argument("--eval-rows", type=int, default=None, help="cap on eval rows (smoke tests)")
+    ap.add_argument("--model", choices=("builtin", "wide"), default="builtin",
+                    help="the built-in tiny Llama, or it widened --factor times (benchmarks/wide_model.py)")
+    ap.add_argument("--factor", type=int, default=4, help="widening factor of --model wide")
     args = ap.parse_args()
 
     repeats = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "fin_sentiment_skewed.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in skewed_rows()))
+        model = "builtin:tiny-llama"
+        if args.model == "wide":
+            from wide_model import build
+
+            model = str(build(Path(tmp) / f"tiny-llama-x{args.factor}", args.factor))
         paths = {}
         for label in VARIANTS:
             paths[label] = Path(tmp) / f"{label}.yaml"
             paths[label].write_text(yaml.safe_dump(
-                spec(data, args.epochs, label, args.train_rows, args.eval_rows, args.packed_batch_size),
+                spec(data, args.epochs, label, args.train_rows, args.eval_rows, args.packed_batch_size,
+                     model),
                 sort_keys=False))
         for i in range(args.repeat):
-            order = VARIANTS[i % 3:] + VARIANTS[:i % 3]  # each variant first once in three
+            k = i % len(VARIANTS)
+            order = VARIANTS[k:] + VARIANTS[:k]  # a different variant first each repeat
             got = {label: run(paths[label]) for label in order}
             tokens = {label: got[label]["tokens"] for label in VARIANTS}
             if len(set(tokens.values())) != 1:
@@ -143,10 +201,30 @@ def main() -> int:
         acc_ok = ((quality[label]["accuracy"] or 0)
                   >= (quality["padded"]["accuracy"] or 0) - ACCURACY_TOLERANCE)
         holds[label] = {"eval_loss_ok": loss_ok, "accuracy_ok": acc_ok}
+    runs = [r[label] for r in repeats for label in VARIANTS]
+    fixed, per_token = step_cost_fit(runs)
+
+    def per_step(label: str) -> dict[str, float]:
+        one = [r[label] for r in repeats]
+        steps = one[0]["steps"]
+        return {
+            "cpu_ms": round(1e3 * statistics.median(x["cpu_seconds"] for x in one) / steps, 2),
+            "forward_backward_ms": round(
+                1e3 * statistics.median(x["step_cpu_seconds"] for x in one) / steps, 2),
+            "outside_forward_backward_ms": round(1e3 * statistics.median(
+                x["cpu_seconds"] - x["step_cpu_seconds"] for x in one) / steps, 2),
+            "computed_tokens": round(one[0]["computed_tokens"] / steps, 1),
+            "fixed_share": round(fixed * steps / statistics.median(x["cpu_seconds"] for x in one), 3),
+        }
+
+    def no_fixed_cost(label: str) -> float:
+        return round(repeats[0]["padded"]["computed_tokens"] / repeats[0][label]["computed_tokens"], 3)
+
     good = [label for label in VARIANTS[1:] if all(holds[label].values())]
     best = max(good, key=speedup.__getitem__) if good else max(speedup, key=speedup.__getitem__)
     return report(
-        "packing", speedup[best], f"{best} / padded, real training tokens per CPU second",
+        "packing" if args.model == "builtin" else f"packing_{args.model}", speedup[best],
+        f"{best} / padded, real training tokens per CPU second",
         f">= {TARGET}x for a variant with eval loss <= padded + {LOSS_TOLERANCE} and accuracy >= "
         f"padded - {ACCURACY_TOLERANCE}", best in good and speedup[best] >= TARGET,
         best=best, speedup_cpu=speedup,
@@ -156,6 +234,11 @@ def main() -> int:
                              for label in VARIANTS[1:]},
         quality=quality, quality_holds=holds, epochs=args.epochs, repeats=args.repeat,
         packed_batch_size=args.packed_batch_size, real_tokens=repeats[0]["padded"]["tokens"],
+        model=args.model, factor=args.factor if args.model == "wide" else None,
+        step_cost_fit={"fixed_ms_per_step": round(fixed * 1e3, 2),
+                       "us_per_computed_token": round(per_token * 1e6, 2)},
+        per_step={label: per_step(label) for label in VARIANTS},
+        speedup_without_fixed_cost={label: no_fixed_cost(label) for label in VARIANTS[1:]},
         runs=repeats,
     )
 

@@ -249,6 +249,14 @@ class TrainConfig(Validated):
         "steps as the default random batches. The row's `batching` says which ran.",
         since="0.2.0",
     )
+    padding_free: bool = _f(
+        False,
+        "Padding-free batches: the same random batches as the default, each laid end to end in "
+        "one row (positions restarting per example, attention kept inside each: "
+        "transformers' `DataCollatorWithFlattening` layout) instead of padded to its longest "
+        "row, so no step computes on pad tokens. The row's `batching` says which ran.",
+        since="0.2.0",
+    )
     optim: str = _f(
         "paged_adamw_8bit", "adamw_torch, paged_adamw_8bit, paged_adamw_32bit or adamw_bnb_8bit."
     )
@@ -390,6 +398,11 @@ class ExperimentConfig(Validated):
             out.append(problem("train.group_by_length", True, "cannot be combined with dataset.packing "
                                "(packed sequences have no padding to group away)",
                                "set one of train.group_by_length and dataset.packing to false"))
+        if self.train.padding_free and (self.dataset.packing or self.train.group_by_length):
+            other = "dataset.packing" if self.dataset.packing else "train.group_by_length"
+            out.append(problem("train.padding_free", True, f"cannot be combined with {other} (both "
+                               "remove the padding; padding-free batches have none left)",
+                               f"set one of train.padding_free and {other} to false"))
         if (
             self.model.attn_implementation == "flash_attention_2"
             and self.quant.bits in (4, 8)

@@ -148,13 +148,19 @@ class PadCollator:
     variable-length kernel, which it uses for position-packed input only in a batch of one.
     The price on sdpa/eager is a mask (and attention scores) over the whole micro-batch,
     (batch_size x max_seq_len)^2 instead of batch_size x max_seq_len^2.
+
+    `flatten` (`train.padding_free`): unpacked examples are laid out the same way, one batch
+    per row: the batch the padded layout would make, without its pad tokens.
     """
 
     pad_token_id: int
+    flatten: bool = False
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         import torch
 
+        if self.flatten and "position_ids" not in features[0]:
+            features = [_positioned(f) for f in features]
         if "position_ids" in features[0]:
             keys = ("input_ids", "labels", "position_ids")
             return {k: torch.tensor([[x for f in features for x in f[k]]], dtype=torch.long) for k in keys}
@@ -171,10 +177,19 @@ class PadCollator:
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
 
 
-def make_collator(tokenizer: Any) -> Callable[..., Any]:
-    """The batch collator for `PreparedData.train`/`.eval`; pads on the right."""
+def _positioned(example: dict[str, Any]) -> dict[str, list[int]]:
+    """One example as `pack` lays it in a row: its own positions, its first label ignored
+    (in a row it would be predicted from the previous example's last token)."""
+    ids = list(example["input_ids"])
+    labels = list(example["labels"]) if "labels" in example else list(ids)
+    return {"input_ids": ids, "labels": [IGNORE_INDEX, *labels[1:]], "position_ids": list(range(len(ids)))}
+
+
+def make_collator(tokenizer: Any, flatten: bool = False) -> Callable[..., Any]:
+    """The batch collator for `PreparedData.train`/`.eval`; pads on the right, or with
+    `flatten` (`train.padding_free`) lays each batch end to end in one row."""
     pad_id = tokenizer.pad_token_id
     if pad_id is None:
         # The pad value never reaches the loss (labels are -100 there) or attention (mask 0).
         pad_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    return PadCollator(pad_id)
+    return PadCollator(pad_id, flatten)

@@ -105,9 +105,10 @@ def estimate(
     shape = shape or worst_case_shape(cfg)
     m = ModelTerms(arch, cfg, profile, recipe)
     static = m.static()
-    # A packed micro-batch is one row of all its sequences end to end (encoding.PadCollator),
-    # so its attention and mask span batch x seq tokens, not seq.
-    rows, seq = (1, bs * shape.train_seq) if cfg.dataset.packing else (bs, shape.train_seq)
+    # A packed or padding-free micro-batch is one row of all its sequences end to end
+    # (encoding.PadCollator), so its attention and mask span batch x seq tokens, not seq.
+    one_row = cfg.dataset.packing or cfg.train.padding_free
+    rows, seq = (1, bs * shape.train_seq) if one_row else (bs, shape.train_seq)
     moments = m.train_moments(rows, seq, shape.masked)
     train_moment, dynamic = max(moments.items(), key=lambda kv: sum(kv[1].values()))
     eval_rows = cfg.eval.batch_size if eval_batch_size is None else eval_batch_size

@@ -209,7 +209,8 @@ def measure(
         n_eval = eval_rows or cfg.eval.batch_size
         eval_ds = datasets.Dataset.from_list(_rows(n_eval, seq, answer, vocab, 1))
         trainer = training.make_trainer(
-            loaded.model, loaded.tokenizer, train_ds, eval_ds, make_collator(loaded.tokenizer),
+            loaded.model, loaded.tokenizer, train_ds, eval_ds,
+            make_collator(loaded.tokenizer, run_cfg.train.padding_free),
             run_cfg, device, compute, bs, run_cfg.train.grad_accum, output_dir=str(Path(tmp.name) / "out"),
             autocast=True,
         )

@@ -211,9 +211,11 @@ class ModelTerms:
         """Tensors beyond `static()` at the three moments that can be a step's peak."""
         a, cfg, cb, rb = self.arch, self.cfg, self.cb, self.rb
         tokens = bs * seq
-        # Rows of unequal length (any batch of 2+, or packed rows) carry an attention mask;
-        # flash_attention_2 never gets one (it unpads, or takes packed rows by their positions).
-        masked = shape_masked if shape_masked is not None else (bs > 1 or cfg.dataset.packing) and (
+        # Rows of unequal length (any batch of 2+, or packed / padding-free rows) carry an
+        # attention mask; flash_attention_2 never gets one (it unpads, or takes packed rows
+        # by their positions).
+        one_row = cfg.dataset.packing or cfg.train.padding_free
+        masked = shape_masked if shape_masked is not None else (bs > 1 or one_row) and (
             effective_attention(cfg.model.attn_implementation, a.model_type) != "flash_attention_2")
         ckpt = cfg.train.gradient_checkpointing
         h, inter, L = a.hidden, a.intermediate * a.experts_per_token, a.layers

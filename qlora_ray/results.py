@@ -59,7 +59,7 @@ RUN_COLUMNS: dict[str, pa.DataType] = {
     "gradient_checkpointing": pa.bool_(),
     "seed": pa.int32(),
     "packing": pa.bool_(),
-    "batching": pa.string(),  # padded, length_grouped or packed (batching, below)
+    "batching": pa.string(),  # padded, length_grouped, padding_free or packed (batching, below)
     "eval_max_new_tokens": pa.int32(),
     "embedder": pa.string(),
     "embedder_revision": pa.string(),  # the fixed embedder's commit (as pinned, or as resolved)
@@ -267,9 +267,12 @@ def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
 
 def batching(cfg: ExperimentConfig) -> str:
     """How a cell's training batches are made: `padded` (random rows, each batch padded to its
-    longest; the default), `length_grouped` (train.group_by_length) or `packed` (dataset.packing)."""
+    longest; the default), `length_grouped` (train.group_by_length), `padding_free`
+    (train.padding_free: the same batches without padding) or `packed` (dataset.packing)."""
     if cfg.dataset.packing:
         return "packed"
+    if cfg.train.padding_free:
+        return "padding_free"
     return "length_grouped" if cfg.train.group_by_length else "padded"
 
 

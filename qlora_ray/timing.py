@@ -118,7 +118,11 @@ def predict(
     padded = lengths.batch_max("train", batch_size, grouped=cfg.train.group_by_length)
     mean = lengths.train_tokens / len(lengths.train)
     sh = shape(arch, cfg, profile)
-    step = train_microbatch(arch, cfg, profile, batch_size=batch_size, seq_len=padded, sh=sh) * ga
+    # A padding-free micro-batch is its rows' real tokens end to end in one row (attention
+    # over that row, as the packed rows are counted); a padded one, batch_size rows of the
+    # batch's longest.
+    rows, seq = (1, batch_size * mean) if cfg.train.padding_free else (batch_size, padded)
+    step = train_microbatch(arch, cfg, profile, batch_size=rows, seq_len=seq, sh=sh) * ga
     step_seconds = seconds(step + optimizer_step(arch, cfg), hw, eff)
     steps = train_steps(len(lengths.train), cfg, batch_size)
     tokens_per_step = batch_size * ga * mean

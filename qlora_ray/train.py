@@ -109,9 +109,10 @@ def make_trainer(
         # transformers' LengthGroupedSampler: random mega-batches, each sorted by length, the
         # longest batch first (trainer_pt_utils.get_length_grouped_indices), so an OOM comes early.
         train_sampling_strategy="group_by_length" if cfg.train.group_by_length else "random",
-        # Packed batches come as one row without padding (or an attention mask to count by):
-        # every token is real. Unpacked ones are counted by their attention mask.
-        include_num_input_tokens_seen="all" if cfg.dataset.packing else "non_padding",
+        # Packed and padding-free batches come as one row without padding (or an attention
+        # mask to count by): every token is real. Padded ones are counted by their mask.
+        include_num_input_tokens_seen="all" if cfg.dataset.packing or cfg.train.padding_free
+        else "non_padding",
     )
     trainer = _Trainer(
         model=model,

@@ -203,7 +203,8 @@ def load(run: Run, tokenizer: Any, data: Any) -> Loaded:
 
     model = modeling.load(run.cfg, run.device, run.compute_dtype, tokenizer=tokenizer)
     trainer = training.make_trainer(
-        model.model, tokenizer, data.train, data.eval, make_collator(tokenizer), run.cfg, run.device,
+        model.model, tokenizer, data.train, data.eval, make_collator(tokenizer, run.cfg.train.padding_free),
+        run.cfg, run.device,
         run.compute_dtype, run.cfg.train.batch_size, run.cfg.train.grad_accum,
     )
     from qlora_ray import provenance

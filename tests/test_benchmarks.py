@@ -98,15 +98,18 @@ def test_vs_plain_trains_both_and_compares(tmp_path):
 
 
 @pytest.mark.slow
-def test_packing_trains_padded_grouped_and_packed_on_the_same_tokens(tmp_path):
+def test_packing_trains_padded_grouped_padding_free_and_packed_on_the_same_tokens(tmp_path):
     out = bench(tmp_path, "packing.py", "--epochs", "1", "--repeat", "1", "--train-rows", "24",
                 "--eval-rows", "4")
     run = out["runs"][0]
-    assert run["padded"]["tokens"] == run["grouped"]["tokens"] == run["packed"]["tokens"] > 0
-    # Grouping keeps the batches (the same steps); packing lays 24 rows into fewer, fuller ones.
-    assert run["grouped"]["steps"] == run["padded"]["steps"] == 6
+    variants = ("padded", "grouped", "padding_free", "packed")
+    assert len({run[v]["tokens"] for v in variants}) == 1 and run["padded"]["tokens"] > 0
+    # Grouping and padding-free keep the steps; packing lays 24 rows into fewer, fuller ones.
+    assert run["grouped"]["steps"] == run["padding_free"]["steps"] == run["padded"]["steps"] == 6
     assert run["packed"]["steps"] < 6
-    assert set(out["speedup_cpu"]) == {"grouped", "packed"} and out["best"] in out["speedup_cpu"]
+    # Padding-free computes on the real tokens only; the padded batches on more.
+    assert run["padding_free"]["computed_tokens"] == run["padding_free"]["tokens"] < run["padded"]["computed_tokens"]
+    assert set(out["speedup_cpu"]) == set(variants[1:]) and out["best"] in out["speedup_cpu"]
 
 
 
