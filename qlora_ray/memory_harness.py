@@ -197,7 +197,7 @@ def measure(
                                  "train.max_steps": steps, "train.logging_steps": 1000,
                                  "train.warmup_ratio": 0.0})
         device = Device(kind="cpu", name="cpu", total_memory_bytes=None)  # bf16: yes on the CPU
-        loaded = modeling.load(run_cfg, device, compute)
+        loaded = modeling.load(run_cfg, device, compute, by_example=False)  # a GPU's sdpa
         n_train = bs * steps * run_cfg.train.grad_accum
         if cfg.dataset.packing:
             # Four examples to a row, as data.py packs them (positions restart per example);

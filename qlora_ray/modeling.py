@@ -60,6 +60,17 @@ def quantization_config(cfg: ExperimentConfig, compute_dtype: str) -> BitsAndByt
     return None  # 16-bit: the plain LoRA baseline
 
 
+def _attention(cfg: ExperimentConfig, device: Device, by_example: bool) -> str | None:
+    attn = cfg.model.attn_implementation
+    one_row = cfg.dataset.packing or cfg.train.padding_free
+    if by_example and one_row and device.kind == "cpu" and attn in ("auto", "sdpa"):
+        from qlora_ray import attention
+
+        return attention.register()
+    # `auto`: None lets transformers pick (sdpa where the class supports it, else eager).
+    return None if attn == "auto" else attn
+
+
 def load_tokenizer(cfg: ExperimentConfig, path: str) -> Any:
     tok = AutoTokenizer.from_pretrained(
         path, revision=cfg.model.revision, trust_remote_code=cfg.model.trust_remote_code
@@ -71,8 +82,14 @@ def load_tokenizer(cfg: ExperimentConfig, path: str) -> Any:
     return tok
 
 
-def load(cfg: ExperimentConfig, device: Device, compute_dtype: str, tokenizer: Any = None) -> LoadedModel:
-    """Quantized base model on exactly one device + LoRA adapters (+ the tokenizer, unless given)."""
+def load(cfg: ExperimentConfig, device: Device, compute_dtype: str, tokenizer: Any = None,
+         by_example: bool = True) -> LoadedModel:
+    """Quantized base model on exactly one device + LoRA adapters (+ the tokenizer, unless given).
+
+    `by_example`: a packed or padding-free cell on the CPU with sdpa attention runs it one
+    example at a time (qlora_ray.attention); the memory harness turns this off, since it
+    measures on the CPU the step a GPU's sdpa runs.
+    """
     check_attention(
         cfg.model.attn_implementation, device, importlib.util.find_spec("flash_attn") is not None
     )
@@ -88,8 +105,7 @@ def load(cfg: ExperimentConfig, device: Device, compute_dtype: str, tokenizer: A
         device_map=device.device_map,
         # Safetensors only (no unpickling) unless the spec allows the .bin fallback.
         use_safetensors=True if cfg.model.use_safetensors else None,
-        # `auto`: None lets transformers pick (sdpa where the class supports it, else eager).
-        attn_implementation=None if (attn := cfg.model.attn_implementation) == "auto" else attn,
+        attn_implementation=_attention(cfg, device, by_example),
     )
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     _keep_4bit_layers_trainable(model)
