@@ -139,6 +139,8 @@ def step_cost_fit(runs: list[dict]) -> tuple[float, float]:
     sxc = sum(r["steps"] * r["cpu_seconds"] for r in runs)
     syc = sum(r["computed_tokens"] * r["cpu_seconds"] for r in runs)
     det = sxx * syy - sxy ** 2
+    if det == 0:  # every run the same steps and tokens: nothing to split
+        return float("nan"), float("nan")
     return (sxc * syy - syc * sxy) / det, (syc * sxx - sxc * sxy) / det
 
 
@@ -152,7 +154,12 @@ def main() -> int:
     ap.add_argument("--model", choices=("builtin", "wide"), default="builtin",
                     help="the built-in tiny Llama, or it widened --factor times (benchmarks/wide_model.py)")
     ap.add_argument("--factor", type=int, default=4, help="widening factor of --model wide")
+    ap.add_argument("--variants", default=",".join(VARIANTS[1:]),
+                    help="comma-separated variants to compare with padded (smoke tests run fewer)")
     args = ap.parse_args()
+    variants = ("padded", *[v for v in VARIANTS[1:] if v in args.variants.split(",")])
+    if len(variants) == 1 or set(args.variants.split(",")) - set(VARIANTS[1:]):
+        ap.error(f"--variants: a comma-separated subset of {','.join(VARIANTS[1:])}")
 
     repeats = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -164,24 +171,24 @@ def main() -> int:
 
             model = str(build(Path(tmp) / f"tiny-llama-x{args.factor}", args.factor))
         paths = {}
-        for label in VARIANTS:
+        for label in variants:
             paths[label] = Path(tmp) / f"{label}.yaml"
             paths[label].write_text(yaml.safe_dump(
                 spec(data, args.epochs, label, args.train_rows, args.eval_rows, args.packed_batch_size,
                      model),
                 sort_keys=False))
         for i in range(args.repeat):
-            k = i % len(VARIANTS)
-            order = VARIANTS[k:] + VARIANTS[:k]  # a different variant first each repeat
+            k = i % len(variants)
+            order = variants[k:] + variants[:k]  # a different variant first each repeat
             got = {label: run(paths[label]) for label in order}
-            tokens = {label: got[label]["tokens"] for label in VARIANTS}
+            tokens = {label: got[label]["tokens"] for label in variants}
             if len(set(tokens.values())) != 1:
                 raise SystemExit(f"the variants trained on different real token counts: {tokens}")
             # Same real tokens in each, so tokens per CPU second compare as CPU seconds.
             got["speedup_cpu"] = {label: got["padded"]["cpu_seconds"] / got[label]["cpu_seconds"]
-                                  for label in VARIANTS[1:]}
+                                  for label in variants[1:]}
             got["speedup_wall"] = {label: got["padded"]["seconds"] / got[label]["seconds"]
-                                   for label in VARIANTS[1:]}
+                                   for label in variants[1:]}
             repeats.append(got)
             print(f"repeat {i + 1}: " + ", ".join(f"{k} {v:.2f}x (CPU), {got['speedup_wall'][k]:.2f}x (wall)"
                                                   for k, v in got["speedup_cpu"].items()),
@@ -192,16 +199,16 @@ def main() -> int:
         return round(statistics.median(values), 4) if values else None
 
     quality = {label: {k: med(label, k) for k in ("eval_loss", "accuracy", "similarity_score", "steps")}
-               for label in VARIANTS}
+               for label in variants}
     speedup = {label: round(statistics.median(r["speedup_cpu"][label] for r in repeats), 3)
-               for label in VARIANTS[1:]}
+               for label in variants[1:]}
     holds = {}
-    for label in VARIANTS[1:]:
+    for label in variants[1:]:
         loss_ok = quality[label]["eval_loss"] <= quality["padded"]["eval_loss"] + LOSS_TOLERANCE
         acc_ok = ((quality[label]["accuracy"] or 0)
                   >= (quality["padded"]["accuracy"] or 0) - ACCURACY_TOLERANCE)
         holds[label] = {"eval_loss_ok": loss_ok, "accuracy_ok": acc_ok}
-    runs = [r[label] for r in repeats for label in VARIANTS]
+    runs = [r[label] for r in repeats for label in variants]
     fixed, per_token = step_cost_fit(runs)
 
     def per_step(label: str) -> dict[str, float]:
@@ -220,7 +227,7 @@ def main() -> int:
     def no_fixed_cost(label: str) -> float:
         return round(repeats[0]["padded"]["computed_tokens"] / repeats[0][label]["computed_tokens"], 3)
 
-    good = [label for label in VARIANTS[1:] if all(holds[label].values())]
+    good = [label for label in variants[1:] if all(holds[label].values())]
     best = max(good, key=speedup.__getitem__) if good else max(speedup, key=speedup.__getitem__)
     return report(
         "packing" if args.model == "builtin" else f"packing_{args.model}", speedup[best],
@@ -229,16 +236,16 @@ def main() -> int:
         f"padded - {ACCURACY_TOLERANCE}", best in good and speedup[best] >= TARGET,
         best=best, speedup_cpu=speedup,
         speedup_cpu_runs={label: [round(r["speedup_cpu"][label], 3) for r in repeats]
-                          for label in VARIANTS[1:]},
+                          for label in variants[1:]},
         speedup_wall_median={label: round(statistics.median(r["speedup_wall"][label] for r in repeats), 3)
-                             for label in VARIANTS[1:]},
+                             for label in variants[1:]},
         quality=quality, quality_holds=holds, epochs=args.epochs, repeats=args.repeat,
         packed_batch_size=args.packed_batch_size, real_tokens=repeats[0]["padded"]["tokens"],
         model=args.model, factor=args.factor if args.model == "wide" else None,
         step_cost_fit={"fixed_ms_per_step": round(fixed * 1e3, 2),
                        "us_per_computed_token": round(per_token * 1e6, 2)},
-        per_step={label: per_step(label) for label in VARIANTS},
-        speedup_without_fixed_cost={label: no_fixed_cost(label) for label in VARIANTS[1:]},
+        per_step={label: per_step(label) for label in variants},
+        speedup_without_fixed_cost={label: no_fixed_cost(label) for label in variants[1:]},
         runs=repeats,
     )
 
