@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/packing.py [--epochs 2] [--repeat 3] [--packed-batch-size 1]
     .venv/bin/python benchmarks/packing.py --model wide [--factor 4]   # results/packing_wide.json
+    .venv/bin/python benchmarks/packing.py --model wide --factor 8 --variants padding_free  # ..._wide_x8.json
 
 The data: the shipped generator's rows (experiments/data/make_fin_sentiment.py, the same
 400 rows as fin_sentiment.jsonl), each headline preceded by a skewed number of the
@@ -230,7 +231,8 @@ def main() -> int:
     good = [label for label in variants[1:] if all(holds[label].values())]
     best = max(good, key=speedup.__getitem__) if good else max(speedup, key=speedup.__getitem__)
     return report(
-        "packing" if args.model == "builtin" else f"packing_{args.model}", speedup[best],
+        {"builtin": "packing", "wide": "packing_wide"}[args.model]
+        + (f"_x{args.factor}" if args.model == "wide" and args.factor != 4 else ""), speedup[best],
         f"{best} / padded, real training tokens per CPU second",
         f">= {TARGET}x for a variant with eval loss <= padded + {LOSS_TOLERANCE} and accuracy >= "
         f"padded - {ACCURACY_TOLERANCE}", best in good and speedup[best] >= TARGET,
