@@ -18,7 +18,14 @@ from qlora_ray.grid import Spec
 from qlora_ray.progress import SUMMARY_KEYS, Progress
 from qlora_ray.record import driver_row
 from qlora_ray.resume import RowWriter
-from qlora_ray.tasks import accelerator_type, feasible, remote_functions, requirement, task_payload
+from qlora_ray.tasks import (
+    accelerator_type,
+    feasible,
+    remote_functions,
+    requirement,
+    task_options,
+    task_payload,
+)
 
 DEFAULT_UNSCHEDULABLE_TIMEOUT = 600.0
 # How often the driver looks at the nodes and the autoscaler's report (which its monitor
@@ -92,12 +99,7 @@ def run_cells(
             for cell in pending.release(len(running)):
                 cell.resources = requirement(cell.profile, cpus_per_task, cell.config.emulate_profile)
                 task = gpu_task if "GPU" in cell.resources else cpu_task
-                options: dict[str, Any] = {"num_cpus": cpus_per_task,
-                                           "name": f"qlora-ray:{cell.config.name}"}
-                accelerator = accelerator_type(cell.profile, cell.config.emulate_profile)
-                if accelerator:
-                    options["accelerator_type"] = accelerator
-                cell.ref = task.options(**options).remote(
+                cell.ref = task.options(**task_options(cell, spec.name, cpus_per_task)).remote(
                     task_payload(cell, spec, results, allow_cpu_fallback, cpus_per_task, cwd), tracker)
                 cell.submitted_at = cell.waiting_since = time.monotonic()
                 running[cell.ref] = cell
@@ -179,8 +181,10 @@ def _collect(ref: Any, cell: Cell, spec: Spec) -> tuple[dict[str, Any], list[dic
         status, error = "oom", f"killed by Ray's memory monitor: {_first_line(e)}"
     except (rex.WorkerCrashedError, rex.NodeDiedError, rex.RayTaskError, rex.RayError) as e:
         status, error = "failed", f"{type(e).__name__}: {_first_line(e)}"
-    return driver_row(cell.config, cell.experiment_id, spec.name, status, error, cell.attempt,
-                      cell.predicted_peak_bytes, cell.predicted), [], None
+    row = driver_row(cell.config, cell.experiment_id, spec.name, status, error, cell.attempt,
+                     cell.predicted_peak_bytes, cell.predicted)
+    row["ray_task_id"] = ref.task_id().hex()  # the task whose log says how it died
+    return row, [], None
 
 
 def _first_line(exc: BaseException) -> str:

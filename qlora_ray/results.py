@@ -164,6 +164,7 @@ RUN_COLUMNS: dict[str, pa.DataType] = {
     "image": pa.string(),
     "hostname": pa.string(),
     "ray_node_id": pa.string(),
+    "ray_task_id": pa.string(),  # `ray logs task --id` shows the cell's log (its first line names it)
     "started_at": TIMESTAMP,
     "finished_at": TIMESTAMP,
 }

@@ -51,6 +51,11 @@ def experiment_task(payload: dict[str, Any], tracker: Any) -> Any:
     if not ray.get_runtime_context().get_accelerator_ids().get("GPU"):
         env["CUDA_VISIBLE_DEVICES"] = ""
     started = time.time()
+    context = ray.get_runtime_context()
+    # Every task of a run has the same Ray name (task_options says why), so the first line
+    # of its log (`ray logs task --id`, the dashboard's task log) says which cell it is.
+    print(f"qlora-ray: cell {payload['config']['name']} (experiment {payload['experiment_id']}, "
+          f"attempt {payload['attempt']}, task {context.get_task_id()})", flush=True)
     tracker.start.remote(payload["experiment_id"])
     if payload.pop("noop", False):
         from qlora_ray.config import from_dict
@@ -68,7 +73,7 @@ def experiment_task(payload: dict[str, Any], tracker: Any) -> Any:
         output = fresh.run_in_fresh_process("qlora_ray.fresh:run_cell", {"payload": payload}, env)
         output.row.update(preloaded=fresh.preloaded(),
                           process_start_seconds=output.row["started_at"].timestamp() - started)
-    output.row["ray_node_id"] = ray.get_runtime_context().get_node_id()
+    output.row.update(ray_node_id=context.get_node_id(), ray_task_id=context.get_task_id())
     return output
 
 
@@ -96,6 +101,29 @@ def remote_functions(max_retries: int) -> tuple[Any, Any, Any]:
     cpu_task = ray.remote(num_cpus=1, max_calls=0, max_retries=max_retries)(experiment_task)
     tracker = ray.remote(num_cpus=0)(Tracker)
     return gpu_task, cpu_task, tracker
+
+
+def task_name(spec_name: str) -> str:
+    """The Ray name of every task of a run: one per run, not per cell.
+
+    Ray's owner (the driver) keeps a `ray_tasks` metric series per task name and state for
+    as long as it runs: TaskManager's task counter records `{State, Name, IsRetry, Source}`
+    on every change (src/ray/core_worker/task_manager.h, the TaskManager constructor's
+    `task_counter_.SetOnChangeCallback`), and a series once recorded stays. A name per cell
+    cost the driver ~10 KB per cell, most of its growth over a 10,000-cell grid
+    (docs/performance.md, item 6: flat with one name, or with RAY_enable_metrics_collection=0).
+    The cell is named in its task's log and the row has the task's id (`ray_task_id`).
+    """
+    return f"qlora-ray:{spec_name}"
+
+
+def task_options(cell: Cell, spec_name: str, cpus_per_task: int) -> dict[str, Any]:
+    """The `.options()` of a cell's task: its name, CPU slots and card type."""
+    options: dict[str, Any] = {"num_cpus": cpus_per_task, "name": task_name(spec_name)}
+    accelerator = accelerator_type(cell.profile, cell.config.emulate_profile)
+    if accelerator:
+        options["accelerator_type"] = accelerator
+    return options
 
 
 def accelerator_type(profile: Any, emulate: bool = False) -> str | None:

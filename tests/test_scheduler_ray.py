@@ -563,9 +563,32 @@ def test_the_driver_keeps_no_finished_cell_and_at_most_a_window_out_at_ray(clust
                            cluster.address], env={**cluster.env, "QLORA_RAY_TEST_NOOP_CELLS": "1"},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    # (Ray echoes the tasks' log lines into the driver's output too.)
+    out = json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith('{"code"')))
     assert out["code"] == 0 and len(out["live"]) == 24
     assert len(read_runs(tmp_path / "results", "many")) == 24
     # The 3 cells out and a few of the driver's own (the progress tracker's answer); before,
     # 24 at the first collected cell (all submitted) and still 24 at the last (all kept).
     assert max(out["live"]) <= 3 + 4, out["live"]
+
+    # One Ray task name for the whole run (a name per cell cost the driver ~10 KB per cell for
+    # the rest of the run); what a user sees in `ray list tasks`, and the cell named in the
+    # log of the task a row points at (`ray logs task --id`).
+    rows = read_runs(tmp_path / "results", "many")
+    tasks: list[dict] = []
+    for _ in range(30):  # task events reach the GCS about once a second
+        listed = subprocess.run([str(BIN / "ray"), "list", "tasks", "--address", cluster.dashboard,
+                                 "--filter", "func_or_class_name=experiment_task", "--format", "json",
+                                 "--limit", "1000"], env=cluster.env, capture_output=True, text=True, timeout=120)
+        assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-2000:]
+        assert listed.stdout.lstrip().startswith("["), listed.stdout[-2000:] + listed.stderr[-2000:]
+        tasks = [t for t in json.loads(listed.stdout) if t["task_id"] in set(rows.ray_task_id)]
+        if len(tasks) == 24:
+            break
+        time.sleep(1)
+    assert len(tasks) == 24 and {t["name"] for t in tasks} == {"qlora-ray:many"}, tasks[:3]
+    cell = rows.iloc[-1]
+    log = subprocess.run([str(BIN / "ray"), "logs", "task", "--id", cell.ray_task_id, "--address",
+                          cluster.address], env=cluster.env, capture_output=True, text=True, timeout=120)
+    assert f"qlora-ray: cell {cell['name']} (experiment {cell.experiment_id}, attempt 1" in log.stdout, (
+        log.stdout[-2000:] + log.stderr[-2000:])
