@@ -146,3 +146,6 @@ def test_overhead_cells_start_warm_and_read_cached_data(tmp_path):
 def test_driver_scale_on_the_embedded_ray(tmp_path):
     out = bench(tmp_path, "driver_scale.py", "--cells", "5", "15", "--repeat", "1")
     assert set(out["peak_rss_mb"]) == {"5", "15"} and out["peak_rss_mb"]["15"] > 0
+    # Every task of a run has one Ray name; each cell is still named in its task's log.
+    assert out["cells_named_in_task_logs"] == {"5": [5], "15": [15]}
+    assert "rss_growth_kb_per_cell" in out
