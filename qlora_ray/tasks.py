@@ -52,9 +52,17 @@ def experiment_task(payload: dict[str, Any], tracker: Any) -> Any:
         env["CUDA_VISIBLE_DEVICES"] = ""
     started = time.time()
     context = ray.get_runtime_context()
-    # Every task of a run has the same Ray name (task_options says why), so the first line
-    # of its log (`ray logs task --id`, the dashboard's task log) says which cell it is.
-    print(f"qlora-ray: cell {payload['config']['name']} (experiment {payload['experiment_id']}, "
+    name = payload["config"]["name"]
+    # Every task of a run has the same Ray name (task_options says why). Ray titles the
+    # task's process `ray::<task name>` while it runs and `ray::IDLE` after
+    # (`_changeproctitle` in ray/_private/worker.py, with ray._raylet.setproctitle): the
+    # title names the cell again, as it did when the task was named after it, so `ps`, `top`
+    # and `nvidia-smi` on a node show which cell a process runs. And the first line of the
+    # task's log (`ray logs task --id`, the dashboard's task log) says which cell it is.
+    setproctitle = getattr(getattr(ray, "_raylet", None), "setproctitle", None)
+    if setproctitle is not None:
+        setproctitle(f"ray::qlora-ray:{name}")
+    print(f"qlora-ray: cell {name} (experiment {payload['experiment_id']}, "
           f"attempt {payload['attempt']}, task {context.get_task_id()})", flush=True)
     tracker.start.remote(payload["experiment_id"])
     if payload.pop("noop", False):
