@@ -149,3 +149,22 @@ def test_driver_scale_on_the_embedded_ray(tmp_path):
     # Every task of a run has one Ray name; each cell is still named in its task's log.
     assert out["cells_named_in_task_logs"] == {"5": [5], "15": [15]}
     assert "rss_growth_kb_per_cell" in out
+
+
+def test_the_widened_model_computes_what_the_built_in_one_does(tmp_path):
+    """benchmarks/wide_model.py (the `--model wide` of packing.py): the same function in a
+    wider body, so its eval quality means what the built-in model's does."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from qlora_ray.builtin import ensure_builtin
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from wide_model import build
+
+    wide = AutoModelForCausalLM.from_pretrained(build(tmp_path / "wide", factor=2)).eval()
+    tiny = AutoModelForCausalLM.from_pretrained(ensure_builtin("builtin:tiny-llama")).eval()
+    assert wide.config.hidden_size == 2 * tiny.config.hidden_size
+    ids = torch.arange(3, 60).unsqueeze(0)
+    with torch.no_grad():
+        torch.testing.assert_close(wide(ids).logits, tiny(ids).logits, rtol=0, atol=0.05)
