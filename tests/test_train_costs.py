@@ -78,3 +78,16 @@ def test_full_garbage_collections_during_training_skip_what_existed_before_it():
     assert len(seen.frozen) == STEPS
     assert min(seen.frozen) >= before // 2
     assert gc.get_freeze_count() == 0
+
+
+def test_training_in_a_process_forked_from_the_zygote_keeps_its_frozen_imports_frozen():
+    """fresh.py's zygote freezes its imports before forking a cell's process, so the child's
+    collections never walk (and copy) them: training must not unfreeze them."""
+    trainer = trainer_for(tiny_model())
+    gc.freeze()  # as fresh.py does before fork()
+    try:
+        frozen = gc.get_freeze_count()
+        train(trainer)
+        assert gc.get_freeze_count() > frozen // 2  # (frozen objects can still die by refcount)
+    finally:
+        gc.unfreeze()
