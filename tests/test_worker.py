@@ -190,6 +190,8 @@ def test_packed_and_unpacked_cells_report_steps_examples_and_the_same_tokens():
     assert plain["train_steps"] == 6 and packed["train_steps"] == -(-packed["train_sequences"] // 2)
     assert packed["train_tokens"] == plain["train_tokens"]  # every real token, no padding
     assert (plain["batching"], packed["batching"]) == ("padded", "packed")
+    # A packed row on the CPU runs attention one example at a time (qlora_ray/attention.py).
+    assert (plain["attn_implementation"], packed["attn_implementation"]) == ("sdpa", "sdpa_by_example")
 
 
 def test_length_grouped_batching_pads_less_over_the_same_rows_and_steps():
