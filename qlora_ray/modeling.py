@@ -60,15 +60,12 @@ def quantization_config(cfg: ExperimentConfig, compute_dtype: str) -> BitsAndByt
     return None  # 16-bit: the plain LoRA baseline
 
 
-def _attention(cfg: ExperimentConfig, device: Device, by_example: bool) -> str | None:
-    attn = cfg.model.attn_implementation
+def by_example_attention(cfg: ExperimentConfig, device: Device, loaded_with: str | None) -> bool:
+    """Whether a cell runs sdpa one example at a time (qlora_ray.attention): packed or
+    padding-free rows on the CPU, on a model transformers loaded with sdpa (not eager: a
+    Gemma-2 soft-caps its attention logits, which sdpa cannot)."""
     one_row = cfg.dataset.packing or cfg.train.padding_free
-    if by_example and one_row and device.kind == "cpu" and attn in ("auto", "sdpa"):
-        from qlora_ray import attention
-
-        return attention.register()
-    # `auto`: None lets transformers pick (sdpa where the class supports it, else eager).
-    return None if attn == "auto" else attn
+    return one_row and device.kind == "cpu" and loaded_with == "sdpa"
 
 
 def load_tokenizer(cfg: ExperimentConfig, path: str) -> Any:
@@ -105,8 +102,15 @@ def load(cfg: ExperimentConfig, device: Device, compute_dtype: str, tokenizer: A
         device_map=device.device_map,
         # Safetensors only (no unpickling) unless the spec allows the .bin fallback.
         use_safetensors=True if cfg.model.use_safetensors else None,
-        attn_implementation=_attention(cfg, device, by_example),
+        # `auto`: None lets transformers pick (sdpa where the class supports it, else eager).
+        attn_implementation=None if (attn := cfg.model.attn_implementation) == "auto" else attn,
     )
+    if by_example and by_example_attention(cfg, device, model.config._attn_implementation):
+        from qlora_ray import attention
+
+        # transformers keeps the current kernel (with a warning) for a class that does not
+        # dispatch through its AttentionInterface.
+        model.set_attn_implementation(attention.register())
     model.config.use_cache = False  # the KV cache is useless in training and conflicts with checkpointing
     _keep_4bit_layers_trainable(model)
     if cfg.quant.bits in (4, 8):

@@ -12,7 +12,7 @@ from qlora_ray.builtin import ensure_builtin
 from qlora_ray.config import ExperimentConfig, from_dict, set_dotted
 from qlora_ray.data import make_collator, prepare_data
 from qlora_ray.device import cpu_device
-from qlora_ray.modeling import _attention
+from qlora_ray.modeling import by_example_attention
 
 
 def cfg_of(**dotted) -> ExperimentConfig:
@@ -85,10 +85,16 @@ def test_other_inputs_get_transformers_sdpa_unchanged(tokenizer):
 
 
 def test_packed_and_padding_free_cells_on_the_cpu_load_with_it():
+    from qlora_ray import modeling
+
     cpu = cpu_device()
-    assert _attention(cfg_of(**{"train.padding_free": True}), cpu, True) == SDPA_BY_EXAMPLE
-    assert _attention(cfg_of(**{"dataset.packing": True}), cpu, True) == SDPA_BY_EXAMPLE
-    assert _attention(cfg_of(), cpu, True) is None  # padded: transformers' choice
-    assert _attention(cfg_of(**{"dataset.packing": True, "model.attn_implementation": "eager"}), cpu,
-                      True) == "eager"  # a spelled-out choice stands
-    assert _attention(cfg_of(**{"dataset.packing": True}), cpu, False) is None  # the memory harness
+    base = {"quant.compute_dtype": "float32"}
+    for setting in ("train.padding_free", "dataset.packing"):
+        cfg = cfg_of(**base, **{setting: True})
+        assert modeling.load(cfg, cpu, "float32").model.config._attn_implementation == SDPA_BY_EXAMPLE
+        # The memory harness measures a GPU's sdpa.
+        assert modeling.load(cfg, cpu, "float32", by_example=False).model.config._attn_implementation == "sdpa"
+    assert modeling.load(cfg_of(**base), cpu, "float32").model.config._attn_implementation == "sdpa"
+    # Only where transformers loaded sdpa: a spelled-out eager stands, and so does the eager
+    # that `auto` gives a model without sdpa (tests/test_modelcheck.py, Gemma-2).
+    assert not by_example_attention(cfg_of(**{"dataset.packing": True}), cpu, "eager")

@@ -84,6 +84,12 @@ def test_gemma2_auto_loads_with_eager_attention(gemma2: Path) -> None:
     assert cfg.model.attn_implementation == "auto"
     loaded = modeling.load(cfg, cpu_device(), "float32")
     assert loaded.model.config._attn_implementation == "eager"
+    # Packed or padding-free rows on the CPU run sdpa one example at a time only where
+    # transformers loaded sdpa (qlora_ray/attention.py); Gemma-2 keeps eager.
+    for setting in ({"dataset": {"packing": True}}, {"train": {"padding_free": True}}):
+        one_row = from_dict(ExperimentConfig, {"model": str(gemma2), "quant": {"compute_dtype": "float32"},
+                                               **setting})
+        assert modeling.load(one_row, cpu_device(), "float32").model.config._attn_implementation == "eager"
 
 
 def test_lora_rank_above_the_adapted_layers_width_is_a_plan_problem(
