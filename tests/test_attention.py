@@ -4,27 +4,24 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DATA
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from tiny_parts import builtin_tokenizer, cell_config
+from transformers import AutoModelForCausalLM
 
 from qlora_ray.attention import SDPA_BY_EXAMPLE, example_bounds, register
 from qlora_ray.builtin import ensure_builtin
-from qlora_ray.config import ExperimentConfig, from_dict, set_dotted
+from qlora_ray.config import ExperimentConfig
 from qlora_ray.data import make_collator, prepare_data
 from qlora_ray.device import cpu_device
 from qlora_ray.modeling import by_example_attention
 
 
 def cfg_of(**dotted) -> ExperimentConfig:
-    data: dict = {"dataset": {"path": str(DATA), "eval_size": 8}, "train": {"batch_size": 4, "max_seq_len": 96}}
-    for key, value in dotted.items():
-        set_dotted(data, key, value)
-    return from_dict(ExperimentConfig, data)
+    return cell_config(96, **dotted)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(ensure_builtin("builtin:tiny-llama"))
+    return builtin_tokenizer()
 
 
 def model_with(attn: str):

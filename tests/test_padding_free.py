@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import CONFIGS, DATA
+from conftest import CONFIGS
+from tiny_parts import builtin_tokenizer, cell_config, skewed_plans
 
 from qlora_ray.config import ConfigError, ExperimentConfig, from_dict, set_dotted
 from qlora_ray.data import make_collator, prepare_data
@@ -22,20 +22,12 @@ from qlora_ray.results import batching
 
 
 def cfg_of(**dotted) -> ExperimentConfig:
-    data: dict = {"dataset": {"path": str(DATA), "eval_size": 8},
-                  "train": {"batch_size": 4, "max_seq_len": 128}}
-    for key, value in dotted.items():
-        set_dotted(data, key, value)
-    return from_dict(ExperimentConfig, data)
+    return cell_config(128, **dotted)
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from transformers import AutoTokenizer
-
-    from qlora_ray.builtin import ensure_builtin
-
-    return AutoTokenizer.from_pretrained(ensure_builtin("builtin:tiny-llama"))
+    return builtin_tokenizer()
 
 
 def test_a_batch_becomes_one_row_of_its_examples_with_their_own_positions(tokenizer):
@@ -124,22 +116,7 @@ def test_the_planner_counts_a_padding_free_batch_as_one_row_of_real_tokens(tmp_p
     """Time: the batch's real tokens, not batch x its longest row (faster than padded on
     skewed lengths). Memory: the worst batch is the longest rows end to end in one row, with
     a block mask on sdpa: the packed micro-batch's shape (memory.estimate)."""
-    from qlora_ray.grid import load_spec
-    from qlora_ray.planner import plan_spec
-
-    rows = [{"instruction": "Classify.", "input": "word " * (400 if i % 10 == 0 else 3 + i % 7),
-             "output": "positive"} for i in range(120)]
-    data = tmp_path / "skewed.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    plans = {}
-    for flat in (False, True):
-        spec = tmp_path / f"s{flat}.yaml"
-        spec.write_text(yaml.safe_dump({"name": "g", "base": {
-            "model": "meta-llama/Llama-3.1-8B-Instruct", "gpu": "A100-80G",
-            "dataset": {"path": str(data), "eval_size": 8},
-            "train": {"batch_size": 4, "max_seq_len": 512, "padding_free": flat}}}))
-        plans[flat] = plan_spec(load_spec(str(spec)), model_configs=[CONFIGS])[0].to_json()
-    padded, flat = plans[False], plans[True]
+    padded, flat = skewed_plans(tmp_path, "padding_free")
     assert flat["predicted_steps"] == padded["predicted_steps"]
     assert flat["predicted_train_tokens"] == padded["predicted_train_tokens"]
     assert flat["predicted_seconds"] < 0.8 * padded["predicted_seconds"]

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from conftest import CONFIGS, DATA, ROOT
+from tiny_parts import skewed_plans
 
 from qlora_ray.cli import main as cli_main
 from qlora_ray.config import ExperimentConfig, from_dict, set_dotted
@@ -282,19 +283,7 @@ def test_fit_groups_by_family_card_and_bits_and_keeps_cpu_apart() -> None:
 def test_length_grouped_batches_are_predicted_faster_in_the_same_memory(tmp_path: Path) -> None:
     """Issue 11 item 4: grouping rows by length shortens the padded batches the time model
     counts, but some batch still holds the longest row, so the memory plan is unchanged."""
-    rows = [{"instruction": "Classify.", "input": "word " * (400 if i % 10 == 0 else 3 + i % 7),
-             "output": "positive"} for i in range(120)]
-    data = tmp_path / "skewed.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    plans = {}
-    for grouped in (False, True):
-        spec = tmp_path / f"s{grouped}.yaml"
-        spec.write_text(yaml.safe_dump({"name": "g", "base": {
-            "model": "meta-llama/Llama-3.1-8B-Instruct", "gpu": "A100-80G",
-            "dataset": {"path": str(data), "eval_size": 8},
-            "train": {"batch_size": 4, "max_seq_len": 512, "group_by_length": grouped}}}))
-        plans[grouped] = plan_spec(load_spec(str(spec)), model_configs=[CONFIGS])[0]
-    padded, grouped_plan = plans[False].to_json(), plans[True].to_json()
+    padded, grouped_plan = skewed_plans(tmp_path, "group_by_length")
     assert grouped_plan["predicted_peak_bytes"] == padded["predicted_peak_bytes"]
     assert grouped_plan["predicted_steps"] == padded["predicted_steps"]
     assert grouped_plan["predicted_train_tokens"] == padded["predicted_train_tokens"]

@@ -10,7 +10,8 @@ from __future__ import annotations
 import gc
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback
+from tiny_parts import collate_lm, toy_llama
+from transformers import LlamaForCausalLM, TrainerCallback
 
 from qlora_ray.config import ExperimentConfig, from_dict
 from qlora_ray.device import cpu_device
@@ -19,30 +20,18 @@ from qlora_ray.train import make_trainer, train
 STEPS = 6
 
 
-def tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-                                        num_hidden_layers=1, num_attention_heads=2,
-                                        num_key_value_heads=2, max_position_embeddings=32))
-
-
-def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-    ids = torch.stack([r["input_ids"] for r in rows])
-    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-
-
 def trainer_for(model: LlamaForCausalLM, callbacks: list[TrainerCallback] = ()):
     cfg = from_dict(ExperimentConfig, {"train": {
         "max_steps": STEPS, "optim": "adamw_torch", "logging_steps": 1, "batch_size": 2}})
     data = [{"input_ids": torch.randint(0, 32, (8,))} for _ in range(2 * STEPS)]
-    trainer = make_trainer(model, None, data, data[:2], collate, cfg, cpu_device(), "float32", 2, 1)
+    trainer = make_trainer(model, None, data, data[:2], collate_lm, cfg, cpu_device(), "float32", 2, 1)
     for cb in callbacks:
         trainer.add_callback(cb)
     return trainer
 
 
 def test_the_parameter_count_for_flos_is_taken_once_not_every_step():
-    model = tiny_model()
+    model = toy_llama()
     calls = []
     count = model.num_parameters
 
@@ -68,7 +57,7 @@ class FrozenSeen(TrainerCallback):
 
 
 def test_full_garbage_collections_during_training_skip_what_existed_before_it():
-    model = tiny_model()
+    model = toy_llama()
     seen = FrozenSeen()
     trainer = trainer_for(model, [seen])
     before = len(gc.get_objects())
@@ -83,7 +72,7 @@ def test_full_garbage_collections_during_training_skip_what_existed_before_it():
 def test_training_in_a_process_forked_from_the_zygote_keeps_its_frozen_imports_frozen():
     """fresh.py's zygote freezes its imports before forking a cell's process, so the child's
     collections never walk (and copy) them: training must not unfreeze them."""
-    trainer = trainer_for(tiny_model())
+    trainer = trainer_for(toy_llama())
     gc.freeze()  # as fresh.py does before fork()
     try:
         frozen = gc.get_freeze_count()

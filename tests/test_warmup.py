@@ -14,7 +14,7 @@ import math
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from tiny_parts import collate_lm, toy_llama
 
 from qlora_ray.config import ExperimentConfig, from_dict
 from qlora_ray.device import cpu_device
@@ -24,25 +24,13 @@ STEPS = 8
 LR = 1e-3
 
 
-def tiny_model() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-                                        num_hidden_layers=1, num_attention_heads=2,
-                                        num_key_value_heads=2, max_position_embeddings=32))
-
-
-def collate(rows: list[dict]) -> dict[str, torch.Tensor]:
-    ids = torch.stack([r["input_ids"] for r in rows])
-    return {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-
-
 def learning_rates(warmup_ratio: float, scheduler: str) -> list[float]:
     cfg = from_dict(ExperimentConfig, {"train": {
         "max_steps": STEPS, "learning_rate": LR, "warmup_ratio": warmup_ratio, "lr_scheduler": scheduler,
         "optim": "adamw_torch", "logging_steps": 1, "batch_size": 2}})
     data = [{"input_ids": torch.randint(0, 32, (8,))} for _ in range(2 * STEPS)]
     cpu = cpu_device()
-    trainer = make_trainer(tiny_model(), None, data, data[:2], collate, cfg, cpu, "float32", 2, 1)
+    trainer = make_trainer(toy_llama(), None, data, data[:2], collate_lm, cfg, cpu, "float32", 2, 1)
     train(trainer)
     return [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
 
