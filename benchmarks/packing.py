@@ -22,7 +22,11 @@ The runs: qlora-ray's `worker.run_experiment` on the quickstart's `qlora-nf4` re
 - `packed`: `dataset.packing: true`, whole examples laid end to end into 512-token rows
   (positions restarting per example, attention kept inside each), `--packed-batch-size`
   of those per step (default 1: about 7 examples, the nearest packing gets to the padded
-  run's 4 per step; the step count is in the results).
+  run's 4 per step; the step count is in the results);
+- `packed_steps`: packed the same way, but for as many optimizer steps as the padded run
+  (`train.max_steps`), so each step carries ~7 examples against 4 and the run sees more
+  epochs of the data in about the padded run's time: packing as used to train on more
+  tokens per GPU-hour, where `packed` is packing at equal epochs (fewer, fuller steps).
 The order rotates every repeat.
 
 The model: `builtin` (default), the built-in tiny Llama (hidden size 128); or `wide`, the
@@ -37,8 +41,8 @@ cell's training time into a fixed cost per optimizer step (`a`: the optimizer, g
 clipping, per-module work that does not grow with the batch) and a cost per computed
 token (`b`), and gives the speedup each variant would have with no fixed cost.
 
-All three train on the same examples the same number of epochs, so the same real tokens
-(checked); the speed figure of a variant is the median per repeat of real tokens per CPU
+All but `packed_steps` train on the same examples the same number of epochs, so the same
+real tokens (checked); the speed figure of a variant is the median per repeat of real tokens per CPU
 second against the padded run of the same repeat (the CPU seconds of `trainer.train()`;
 with one thread that is tokens/s on an idle machine, and the load on the shared machine
 does not stretch it). Quality, with the same ruler for all: the rows' eval loss (per
@@ -104,21 +108,26 @@ def skewed_rows(seed: int = 0) -> list[dict[str, str]]:
     return rows
 
 
-VARIANTS = ("padded", "grouped", "padding_free", "packed")
+VARIANTS = ("padded", "grouped", "padding_free", "packed", "packed_steps")
+SAME_TOKENS = ("padded", "grouped", "padding_free", "packed")  # same examples, same epochs
+PADDED_BATCH = 4
+EVAL_ROWS = 64  # held out of the 400, never grouped or packed
 
 
 def spec(data: Path, epochs: int, variant: str, train_rows: int | None = None,
-         eval_rows: int | None = None, packed_batch_size: int = 1, model: str = "builtin:tiny-llama") -> dict:
-    packing = variant == "packed"
+         eval_rows: int | None = None, packed_batch_size: int = 1, model: str = "builtin:tiny-llama",
+         padded_steps: int | None = None) -> dict:
+    packing = variant in ("packed", "packed_steps")
     return {
         "name": "packing",
         "base": {
             "model": model,
-            "dataset": {"path": str(data), "eval_size": 64, "packing": packing,
+            "dataset": {"path": str(data), "eval_size": EVAL_ROWS, "packing": packing,
                         "max_train_samples": train_rows},
             "quant": {"bits": 4, "type": "nf4", "double_quant": True, "compute_dtype": "bfloat16"},
             "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": "all-linear"},
-            "train": {"epochs": epochs, "batch_size": packed_batch_size if packing else 4,
+            "train": {"epochs": epochs, "batch_size": packed_batch_size if packing else PADDED_BATCH,
+                      "max_steps": padded_steps if variant == "packed_steps" else None,
                       "group_by_length": variant == "grouped", "padding_free": variant == "padding_free",
                       "grad_accum": 1, "learning_rate": 2.0e-3,
                       "max_grad_norm": 1.0, "max_seq_len": 512, "optim": "paged_adamw_8bit",
@@ -130,6 +139,11 @@ def spec(data: Path, epochs: int, variant: str, train_rows: int | None = None,
 
 def run(spec_path: Path) -> dict:
     return last_json([sys.executable, "-c", PROBED_WORKER, str(spec_path)])
+
+
+def rate(got: dict, label: str, clock: str) -> float:
+    """Real training tokens per second of `clock` (cpu_seconds or seconds) of one run."""
+    return got[label]["tokens"] / got[label][clock]
 
 
 def step_cost_fit(runs: list[dict]) -> tuple[float, float]:
@@ -171,24 +185,29 @@ def main() -> int:
             from wide_model import build
 
             model = str(build(Path(tmp) / f"tiny-llama-x{args.factor}", args.factor))
+        n_train = min(len(skewed_rows()) - EVAL_ROWS, args.train_rows or len(skewed_rows()))
+        padded_steps = -(-n_train // PADDED_BATCH) * args.epochs  # checked against the run below
         paths = {}
         for label in variants:
             paths[label] = Path(tmp) / f"{label}.yaml"
             paths[label].write_text(yaml.safe_dump(
                 spec(data, args.epochs, label, args.train_rows, args.eval_rows, args.packed_batch_size,
-                     model),
+                     model, padded_steps),
                 sort_keys=False))
         for i in range(args.repeat):
             k = i % len(variants)
             order = variants[k:] + variants[:k]  # a different variant first each repeat
             got = {label: run(paths[label]) for label in order}
-            tokens = {label: got[label]["tokens"] for label in variants}
+            tokens = {label: got[label]["tokens"] for label in variants if label in SAME_TOKENS}
             if len(set(tokens.values())) != 1:
                 raise SystemExit(f"the variants trained on different real token counts: {tokens}")
-            # Same real tokens in each, so tokens per CPU second compare as CPU seconds.
-            got["speedup_cpu"] = {label: got["padded"]["cpu_seconds"] / got[label]["cpu_seconds"]
+            steps = {label: got[label]["steps"] for label in ("padded", "packed_steps") if label in got}
+            if steps.get("packed_steps", padded_steps) != padded_steps or steps["padded"] != padded_steps:
+                raise SystemExit(f"expected {padded_steps} steps in padded and packed_steps, got {steps}")
+
+            got["speedup_cpu"] = {label: rate(got, label, "cpu_seconds") / rate(got, "padded", "cpu_seconds")
                                   for label in variants[1:]}
-            got["speedup_wall"] = {label: got["padded"]["seconds"] / got[label]["seconds"]
+            got["speedup_wall"] = {label: rate(got, label, "seconds") / rate(got, "padded", "seconds")
                                    for label in variants[1:]}
             repeats.append(got)
             print(f"repeat {i + 1}: " + ", ".join(f"{k} {v:.2f}x (CPU), {got['speedup_wall'][k]:.2f}x (wall)"
@@ -225,8 +244,11 @@ def main() -> int:
             "fixed_share": round(fixed * steps / statistics.median(x["cpu_seconds"] for x in one), 3),
         }
 
-    def no_fixed_cost(label: str) -> float:
-        return round(repeats[0]["padded"]["computed_tokens"] / repeats[0][label]["computed_tokens"], 3)
+    def no_fixed_cost(label: str) -> float:  # computed tokens per real token, padded over label
+        def per_real(x: dict) -> float:
+            return x["computed_tokens"] / x["tokens"]
+
+        return round(per_real(repeats[0]["padded"]) / per_real(repeats[0][label]), 3)
 
     good = [label for label in variants[1:] if all(holds[label].values())]
     best = max(good, key=speedup.__getitem__) if good else max(speedup, key=speedup.__getitem__)
