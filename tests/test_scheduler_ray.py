@@ -587,7 +587,15 @@ def test_the_driver_keeps_no_finished_cell_and_at_most_a_window_out_at_ray(clust
             break
         time.sleep(1)
     assert len(tasks) == 24 and {t["name"] for t in tasks} == {"qlora-ray:many"}, tasks[:3]
-    cell = rows.iloc[-1]
+    # A cell that ran on the head node: this test cluster's other nodes share one host and one
+    # session folder, and `ray logs task` for their tasks fails ("Agent for node id ... doesn't
+    # exist", "Could not find log file for task attempt"), whatever the task printed.
+    nodes = subprocess.run([str(BIN / "ray"), "list", "nodes", "--address", cluster.dashboard, "--format",
+                            "json"], env=cluster.env, capture_output=True, text=True, timeout=120)
+    head = next(n["node_id"] for n in json.loads(nodes.stdout) if n["is_head_node"])
+    on_head = rows[rows.ray_node_id == head]
+    assert len(on_head), f"no cell ran on the head node {head}: {rows.ray_node_id.value_counts()}"
+    cell = on_head.iloc[-1]
     log = subprocess.run([str(BIN / "ray"), "logs", "task", "--id", cell.ray_task_id, "--address",
                           cluster.address], env=cluster.env, capture_output=True, text=True, timeout=120)
     assert f"qlora-ray: cell {cell['name']} (experiment {cell.experiment_id}, attempt 1" in log.stdout, (
