@@ -179,8 +179,11 @@ def run_cells(
                                                         if c.experiment_id not in started))
     except KeyboardInterrupt:
         interrupted = True
-        for ref in running:
-            ray.cancel(ref, force=True)
+        # No ray.cancel: the running tasks end with the job. Ray kills the worker processes of a
+        # job whose driver has gone (an embedded Ray is shut down below), and each experiment's
+        # process dies with its worker (fresh.py). A force-cancel raced a task's own reply in
+        # Ray's owner (task_manager.cc CompletePendingTask, "Check failed: it !=
+        # submissible_tasks_"), which aborted the driver: 1 of 3 clean-clone CI runs.
         print(f"\ninterrupted: cancelled {len(running)} running experiment(s); "
               f"{len(rows)} row(s) written this run stay valid", file=out)
     finally:

@@ -311,6 +311,14 @@ def test_ctrl_c_stops_cleanly_and_keeps_written_rows(cluster, tmp_path):
     assert "rerun the same command to resume" in output
     df = read_runs(results, "sigint")  # what was written is whole and readable
     assert 1 <= len(df) < 3 and (df.status == "ok").all()
+    # The cell that was running ends with the job: no process is still titled with one of its
+    # cells (a task's process is `ray::qlora-ray:<cell name>` while it runs, tasks.py).
+    title = "^ray::qlora-ray:r[248]$"
+    deadline = time.monotonic() + 60
+    while subprocess.run(["pgrep", "-f", title], capture_output=True).returncode == 0 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    still = subprocess.run(["pgrep", "-a", "-f", title], capture_output=True, text=True).stdout
+    assert not still, f"a cell of the interrupted run still runs: {still}"
 
 
 def test_on_a_cluster_that_cannot_grow_a_missing_gpu_type_is_unschedulable_at_once(cluster, tmp_path):
