@@ -110,6 +110,14 @@ def generation_prompts(
     return out, cut
 
 
+def _positioned(example: dict[str, Any]) -> dict[str, list[int]]:
+    """One example as it sits in a packed or padding-free row: its own positions, its first label ignored
+    (in a row it would be predicted from the previous example's last token)."""
+    ids = list(example["input_ids"])
+    labels = list(example["labels"]) if "labels" in example else list(ids)
+    return {"input_ids": ids, "labels": [IGNORE_INDEX, *labels[1:]], "position_ids": list(range(len(ids)))}
+
+
 def pack(examples: list[dict[str, list[int]]], max_len: int) -> list[dict[str, list[int]]]:
     """Lay whole examples end to end into sequences of at most `max_len` tokens, in order.
 
@@ -121,14 +129,13 @@ def pack(examples: list[dict[str, list[int]]], max_len: int) -> list[dict[str, l
     ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
-    for ex in examples:
+    for ex in map(_positioned, examples):
         if ids and len(ids) + len(ex["input_ids"]) > max_len:
             packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
             ids, labels, positions = [], [], []
         ids += ex["input_ids"]
-        # Its first token is never predicted from the previous example's last one.
-        labels += [IGNORE_INDEX, *ex["labels"][1:]]
-        positions += range(len(ex["input_ids"]))
+        labels += ex["labels"]
+        positions += ex["position_ids"]
     if ids:
         packed.append({"input_ids": ids, "labels": labels, "position_ids": positions})
     return packed
@@ -175,14 +182,6 @@ class PadCollator:
             batch["attention_mask"].append(mask + [0] * pad)
             batch["labels"].append(labels + [IGNORE_INDEX] * pad)
         return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
-
-
-def _positioned(example: dict[str, Any]) -> dict[str, list[int]]:
-    """One example as `pack` lays it in a row: its own positions, its first label ignored
-    (in a row it would be predicted from the previous example's last token)."""
-    ids = list(example["input_ids"])
-    labels = list(example["labels"]) if "labels" in example else list(ids)
-    return {"input_ids": ids, "labels": [IGNORE_INDEX, *labels[1:]], "position_ids": list(range(len(ids)))}
 
 
 def make_collator(tokenizer: Any, flatten: bool = False) -> Callable[..., Any]:
